@@ -1,0 +1,202 @@
+//! Replays the start of a Mooncake-format request trace against an OpenAI-compatible endpoint and
+//! reports, per request and in total, prompt tokens, cached tokens, cache source and time to
+//! first token.
+//!
+//! Each trace block id becomes a fixed run of token ids (the same id always gives the same
+//! tokens), so requests that share leading block ids share that prompt prefix.
+//!
+//! ```text
+//! replay run --target http://127.0.0.1:8080 --trace trace.jsonl --label sidecar --out a.json
+//! replay compare a.json b.json
+//! ```
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kvsidecar_benches::trace::{self, Scale};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser)]
+#[command(about = "Replay a request trace against an OpenAI-compatible server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send the trace's requests one after another and record what each one cost.
+    Run {
+        /// Base URL of the server (a kvsidecar or a bare llama-server).
+        #[arg(long)]
+        target: String,
+        /// Trace file, one JSON object a line with input_length, output_length and hash_ids.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Name of this run in the report.
+        #[arg(long)]
+        label: String,
+        /// Write the per-request results to this JSON file.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        scale: Scale,
+    },
+    /// Print two recorded runs side by side.
+    Compare { first: PathBuf, second: PathBuf },
+}
+
+/// What one replayed request cost.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    index: usize,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    source: String,
+    ttft_ms: f64,
+    total_ms: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Run {
+    label: String,
+    records: Vec<Record>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Run { target, trace, label, out, scale } => {
+            let requests = trace::load(&trace, &scale)?;
+            println!("{label}: replaying {} requests against {target}", requests.len());
+            println!("{:>4} {:>7} {:>7} {:>7} {:>9} {:>9}", "#", "prompt", "cached", "source", "ttft_ms", "total_ms");
+            let mut records = Vec::new();
+            for (index, request) in requests.iter().enumerate() {
+                let record = send(&target, index, &request.prompt, request.output_tokens).await?;
+                println!(
+                    "{:>4} {:>7} {:>7} {:>7} {:>9.1} {:>9.1}",
+                    index, record.prompt_tokens, record.cached_tokens, record.source, record.ttft_ms, record.total_ms
+                );
+                records.push(record);
+            }
+            let run = Run { label, records };
+            print_totals(&run);
+            std::fs::write(&out, serde_json::to_vec_pretty(&run)?).with_context(|| format!("write {}", out.display()))?;
+        }
+        Command::Compare { first, second } => {
+            let read = |path: &PathBuf| -> Result<Run> {
+                Ok(serde_json::from_slice(&std::fs::read(path).with_context(|| format!("read {}", path.display()))?)?)
+            };
+            let (a, b) = (read(&first)?, read(&second)?);
+            compare(&a, &b);
+        }
+    }
+    Ok(())
+}
+
+/// Sends one streaming completion and measures the time to its first content event.
+async fn send(target: &str, index: usize, prompt: &[u32], output_tokens: u32) -> Result<Record> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = serde_json::json!({
+        "prompt": prompt,
+        "max_tokens": output_tokens,
+        "temperature": 0.0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let request = http::Request::post(format!("{target}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+
+    let started = Instant::now();
+    let response = client.request(request).await.context("send completion")?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let text = response.into_body().collect().await?.to_bytes();
+        bail!("request {index} failed with {status}: {}", String::from_utf8_lossy(&text));
+    }
+    let source = response.headers().get("x-kvsidecar-cache-source").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    let header_cached = response.headers().get("x-kvsidecar-cached-tokens").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+
+    let mut body = response.into_body();
+    let mut first_token: Option<Duration> = None;
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            first_token.get_or_insert_with(|| started.elapsed());
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    let total = started.elapsed();
+
+    // The last usage event carries the engine's own counts.
+    let mut prompt_tokens = prompt.len() as u64;
+    let mut cached_tokens = header_cached.unwrap_or(0);
+    for line in text.lines().filter_map(|line| line.strip_prefix("data: ")) {
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(line) {
+            if let Some(n) = event.pointer("/usage/prompt_tokens").and_then(|v| v.as_u64()) {
+                prompt_tokens = n;
+            }
+            if let Some(n) = event.pointer("/timings/cache_n").and_then(|v| v.as_u64()) {
+                cached_tokens = n;
+            }
+        }
+    }
+    Ok(Record {
+        index,
+        prompt_tokens,
+        cached_tokens,
+        source,
+        ttft_ms: first_token.unwrap_or(total).as_secs_f64() * 1000.0,
+        total_ms: total.as_secs_f64() * 1000.0,
+    })
+}
+
+fn percentile(values: &mut [f64], fraction: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[((values.len() - 1) as f64 * fraction).round() as usize]
+}
+
+fn print_totals(run: &Run) {
+    let prompt: u64 = run.records.iter().map(|r| r.prompt_tokens).sum();
+    let cached: u64 = run.records.iter().map(|r| r.cached_tokens).sum();
+    let mut ttft: Vec<f64> = run.records.iter().map(|r| r.ttft_ms).collect();
+    let sum: f64 = ttft.iter().sum();
+    let mut by_source = std::collections::BTreeMap::new();
+    for record in &run.records {
+        *by_source.entry(record.source.as_str()).or_insert(0) += 1;
+    }
+    println!(
+        "{}: {} requests, prompt tokens {prompt}, cached {cached} ({:.1} %), sources {by_source:?}, ttft mean {:.1} ms, p50 {:.1} ms, p90 {:.1} ms",
+        run.label,
+        run.records.len(),
+        100.0 * cached as f64 / prompt.max(1) as f64,
+        sum / ttft.len().max(1) as f64,
+        percentile(&mut ttft, 0.5),
+        percentile(&mut ttft, 0.9),
+    );
+}
+
+fn compare(a: &Run, b: &Run) {
+    println!("{:>4} {:>7} | {:>7} {:>7} {:>9} | {:>7} {:>7} {:>9}", "#", "prompt", "cached", "source", "ttft_ms", "cached", "source", "ttft_ms");
+    println!("{:>4} {:>7} | {:^25} | {:^25}", "", "", a.label, b.label);
+    for (x, y) in a.records.iter().zip(&b.records) {
+        println!(
+            "{:>4} {:>7} | {:>7} {:>7} {:>9.1} | {:>7} {:>7} {:>9.1}",
+            x.index, x.prompt_tokens, x.cached_tokens, x.source, x.ttft_ms, y.cached_tokens, y.source, y.ttft_ms
+        );
+    }
+    print_totals(a);
+    print_totals(b);
+    let total = |run: &Run| run.records.iter().map(|r| r.ttft_ms).sum::<f64>();
+    println!("time to first token, summed: {} {:.0} ms, {} {:.0} ms ({:.2}x)", a.label, total(a), b.label, total(b), total(b) / total(a).max(1e-9));
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Installs everything kvsidecar's tests and demo need, once, into a cache outside the clone:
+# Debian build tools, a Python virtual environment, llama-server built from the llama-cpp-python
+# source package, and the generated test and demo models. Safe to run again: finished steps are skipped.
+#
+#   KVSIDECAR_CACHE  cache folder (default ~/.cache/kvsidecar)
+#
+# Prints the paths it set up on its last lines.
+set -euo pipefail
+
+cache="${KVSIDECAR_CACHE:-$HOME/.cache/kvsidecar}"
+here="$(cd "$(dirname "$0")" && pwd)"
+llama_cpp_python_version="0.3.36"
+mkdir -p "$cache"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# Debian packages: a C++ toolchain and CMake for llama.cpp, libclang for the RocksDB bindings.
+packages=(cmake ninja-build clang libclang-dev build-essential)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Python environment for the model generator, the OpenAI SDK tests and the demo.
+venv="$cache/venv"
+requirements="$here/requirements.txt"
+if [[ ! -x "$venv/bin/python" ]]; then
+  log "creating Python environment in $venv"
+  python3 -m venv "$venv"
+fi
+if ! cmp -s "$requirements" "$venv/.requirements"; then
+  log "installing Python packages from $requirements"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$venv/.requirements"
+fi
+
+# llama-server, built from the llama.cpp tree vendored in the llama-cpp-python source package.
+engine_bin="$cache/engine/bin/llama-server"
+if [[ ! -x "$engine_bin" ]]; then
+  work="$cache/engine/src"
+  rm -rf "$work"
+  mkdir -p "$work" "$cache/engine/bin"
+  log "downloading llama-cpp-python $llama_cpp_python_version source package"
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    "llama-cpp-python==$llama_cpp_python_version" -d "$work"
+  tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+  tree="$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)"
+  log "building llama-server (several minutes on 2 cores)"
+  cmake -S "$tree" -B "$work/build" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF >"$work/cmake.log" 2>&1 \
+    || { tail -n 40 "$work/cmake.log" >&2; exit 1; }
+  cmake --build "$work/build" --target llama-server -j2 >"$work/build.log" 2>&1 \
+    || { tail -n 40 "$work/build.log" >&2; exit 1; }
+  install -m 0755 "$work/build/bin/llama-server" "$engine_bin.tmp"
+  mv "$engine_bin.tmp" "$engine_bin"
+  rm -rf "$work"
+fi
+
+# Models with random weights and a fixed seed: deterministic output at temperature 0.
+models="$cache/models"
+mkdir -p "$models"
+generator="$here/make_model.py"
+stamp="$(sha256sum "$generator" | cut -c1-16)"
+for spec in "tiny 4 256 2" "demo 12 768 4"; do
+  read -r name layers width kv_heads <<<"$spec"
+  target="$models/$name-$layers-$width-$kv_heads-$stamp.gguf"
+  if [[ ! -f "$target" ]]; then
+    log "generating model $name ($layers layers, width $width)"
+    "$venv/bin/python" "$generator" --layers "$layers" --width "$width" --kv-heads "$kv_heads" \
+      --name "kvsidecar-$name" --output "$target.tmp"
+    mv "$target.tmp" "$target"
+  fi
+  ln -sfn "$(basename "$target")" "$models/$name.gguf"
+done
+
+echo "KVSIDECAR_LLAMA_SERVER=$engine_bin"
+echo "KVSIDECAR_TINY_MODEL=$models/tiny.gguf"
+echo "KVSIDECAR_DEMO_MODEL=$models/demo.gguf"
+echo "KVSIDECAR_PYTHON=$venv/bin/python"

@@ -1,0 +1,171 @@
+//! Shared state of a running sidecar: configuration, engine, store, the engine's readiness and
+//! slot table, and the request counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineInfo};
+use crate::error::ApiError;
+use crate::slots::Slots;
+use crate::store::Store;
+
+/// Where the KV for a request's prompt came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheSource {
+    /// Nothing reused: the engine computed the whole prompt.
+    None,
+    /// The engine slot already held a prefix of the prompt.
+    Slot,
+    /// A snapshot from the local store was restored into the slot.
+    Local,
+}
+
+impl CacheSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheSource::None => "none",
+            CacheSource::Slot => "slot",
+            CacheSource::Local => "local",
+        }
+    }
+}
+
+/// A fingerprinted engine process and the sidecar's view of its slots.
+pub struct Ready {
+    pub info: EngineInfo,
+    pub slots: Slots,
+    /// Increments each time the engine is probed anew (start, restart, recovery).
+    pub generation: u64,
+}
+
+/// Request and cache counters, shown by `/admin/stats`.
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub requests_failed: AtomicU64,
+    pub source_none: AtomicU64,
+    pub source_slot: AtomicU64,
+    pub source_local: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub restores: AtomicU64,
+    pub restores_failed: AtomicU64,
+    pub snapshots_saved: AtomicU64,
+    pub snapshots_skipped: AtomicU64,
+    pub snapshots_failed: AtomicU64,
+    pub client_disconnects: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, amount: u64) {
+        counter.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    pub fn count_source(&self, source: CacheSource) {
+        let counter = match source {
+            CacheSource::None => &self.source_none,
+            CacheSource::Slot => &self.source_slot,
+            CacheSource::Local => &self.source_local,
+        };
+        Self::add(counter, 1);
+    }
+
+    pub fn snapshot(&self) -> serde_json::Value {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        serde_json::json!({
+            "requests": get(&self.requests),
+            "requests_failed": get(&self.requests_failed),
+            "cache_source": {
+                "none": get(&self.source_none),
+                "slot": get(&self.source_slot),
+                "local": get(&self.source_local),
+            },
+            "prompt_tokens": get(&self.prompt_tokens),
+            "cached_tokens": get(&self.cached_tokens),
+            "restores": get(&self.restores),
+            "restores_failed": get(&self.restores_failed),
+            "snapshots_saved": get(&self.snapshots_saved),
+            "snapshots_skipped": get(&self.snapshots_skipped),
+            "snapshots_failed": get(&self.snapshots_failed),
+            "client_disconnects": get(&self.client_disconnects),
+        })
+    }
+}
+
+/// Why the engine is not ready.
+pub struct NotReady {
+    pub reason: String,
+    pub unreachable: bool,
+}
+
+/// Everything a request handler needs.
+pub struct App {
+    pub config: Config,
+    pub engine: Arc<dyn Engine>,
+    pub store: Arc<Store>,
+    ready: ArcSwapOption<Ready>,
+    /// Why the engine is not ready, for `/readyz` and error answers.
+    not_ready: ArcSwapOption<NotReady>,
+    pub counters: Counters,
+    /// Bounds the snapshots being saved and ingested at once.
+    pub snapshot_permits: Arc<tokio::sync::Semaphore>,
+    file_counter: AtomicU64,
+}
+
+/// Snapshots saved and ingested at the same time; more are skipped rather than queued.
+const CONCURRENT_SNAPSHOTS: usize = 2;
+
+impl App {
+    pub fn new(config: Config, engine: Arc<dyn Engine>, store: Arc<Store>) -> App {
+        App {
+            config,
+            engine,
+            store,
+            ready: ArcSwapOption::empty(),
+            not_ready: ArcSwapOption::from_pointee(NotReady { reason: "engine not probed yet".into(), unreachable: false }),
+            counters: Counters::default(),
+            snapshot_permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SNAPSHOTS)),
+            file_counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn ready(&self) -> Option<Arc<Ready>> {
+        self.ready.load_full()
+    }
+
+    pub fn not_ready_reason(&self) -> String {
+        self.not_ready.load_full().map(|state| state.reason.clone()).unwrap_or_default()
+    }
+
+    /// Returns the error for a request that arrives while the engine is not ready: 502 when the
+    /// engine is down, 503 while it starts.
+    pub fn not_ready_error(&self) -> ApiError {
+        match self.not_ready.load_full() {
+            Some(state) if state.unreachable => ApiError::engine_down(&state.reason),
+            Some(state) => ApiError::not_ready(&state.reason),
+            None => ApiError::not_ready("engine state changing"),
+        }
+    }
+
+    pub fn set_ready(&self, ready: Ready) {
+        self.ready.store(Some(Arc::new(ready)));
+        self.not_ready.store(None);
+    }
+
+    /// Marks the engine not ready; `unreachable` tells a stopped engine from one still starting.
+    pub fn set_not_ready(&self, reason: String, unreachable: bool) {
+        self.ready.store(None);
+        self.not_ready.store(Some(Arc::new(NotReady { reason, unreachable })));
+    }
+
+    /// Returns a slot-file name unique within this process, such as `kvsidecar-save-1-42.bin`.
+    pub fn slot_file_name(&self, purpose: &str, slot: u32) -> String {
+        let n = self.file_counter.fetch_add(1, Ordering::Relaxed);
+        format!("kvsidecar-{purpose}-{}-{slot}-{n}.bin", std::process::id())
+    }
+}

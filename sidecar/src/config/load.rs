@@ -1,0 +1,406 @@
+//! Reading the configuration from defaults, a TOML file, the environment and flags, and
+//! validating it with every problem collected before failing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{
+    ByteSize, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat,
+    PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig,
+};
+
+/// Prefix of the environment variables that set configuration keys.
+pub const ENV_PREFIX: &str = "KVSIDECAR_";
+
+const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log"];
+
+/// Values given on the command line, which take precedence over the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub engine: Option<String>,
+    pub data_dir: Option<String>,
+    pub slot_dir: Option<String>,
+}
+
+/// One invalid configuration value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key path, such as `store.capacity`.
+    pub path: String,
+    /// The value as given, or empty for an unknown or missing key.
+    pub value: String,
+    /// Where the value came from: the file, an environment variable or a flag.
+    pub origin: String,
+    /// The rule the value breaks.
+    pub rule: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {} ({}): {}", self.path, self.value, self.origin, self.rule)
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid TOML in config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid configuration, {} problem(s):\n{}", .0.len(), list_issues(.0))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+fn list_issues(issues: &[ConfigIssue]) -> String {
+    issues.iter().map(|issue| format!("  - {issue}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Loads the configuration: defaults, then the file named in `overrides` (if any), then
+/// `KVSIDECAR_<SECTION>_<KEY>` variables from `environment`, then the flags in `overrides`.
+pub fn load(
+    overrides: &Overrides,
+    environment: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut sources = Sources::default();
+
+    if let Some(path) = &overrides.config_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|error| ConfigError::Syntax { path: path.clone(), message: error.to_string() })?;
+        sources.add_file(path, table);
+    }
+
+    for (name, value) in environment {
+        sources.add_environment(&name, value);
+    }
+
+    let flags = [
+        ("server.listen", "--listen", &overrides.listen),
+        ("server.admin_listen", "--admin-listen", &overrides.admin_listen),
+        ("engine.url", "--engine", &overrides.engine),
+        ("store.data_dir", "--data-dir", &overrides.data_dir),
+        ("engine.slot_dir", "--slot-dir", &overrides.slot_dir),
+    ];
+    for (path, flag, value) in flags {
+        if let Some(value) = value {
+            sources.set(path, toml::Value::String(value.clone()), format!("flag {flag}"));
+        }
+    }
+
+    let config = sources.read();
+    if sources.issues.is_empty() { Ok(config) } else { Err(ConfigError::Invalid(sources.issues)) }
+}
+
+/// Returns the built-in defaults.
+pub fn defaults() -> Config {
+    let mut sources = Sources::default();
+    let config = sources.read();
+    debug_assert!(sources.issues.is_empty(), "built-in defaults are valid");
+    config
+}
+
+/// The merged key values with their origins, and the issues found while reading them.
+#[derive(Default)]
+struct Sources {
+    values: BTreeMap<String, (toml::Value, String)>,
+    issues: Vec<ConfigIssue>,
+}
+
+impl Sources {
+    fn set(&mut self, path: &str, value: toml::Value, origin: String) {
+        self.values.insert(path.to_string(), (value, origin));
+    }
+
+    fn add_file(&mut self, file: &Path, table: toml::Table) {
+        let origin = format!("file {}", file.display());
+        for (section, content) in table {
+            match content {
+                toml::Value::Table(keys) => {
+                    for (key, value) in keys {
+                        self.set(&format!("{section}.{key}"), value, origin.clone());
+                    }
+                }
+                other => self.issues.push(ConfigIssue {
+                    path: section,
+                    value: other.to_string(),
+                    origin: origin.clone(),
+                    rule: format!("must be a [section] table, one of: {}", SECTIONS.join(", ")),
+                }),
+            }
+        }
+    }
+
+    /// Takes `KVSIDECAR_STORE_CAPACITY=10GiB` as `store.capacity`. Variables whose first word is
+    /// not a section name (such as `KVSIDECAR_CACHE`, used by the setup scripts) are not config.
+    fn add_environment(&mut self, name: &str, value: String) {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { return };
+        let rest = rest.to_ascii_lowercase();
+        let Some(section) = SECTIONS.iter().find(|section| {
+            rest.strip_prefix(*section).is_some_and(|tail| tail.starts_with('_'))
+        }) else {
+            return;
+        };
+        let key = &rest[section.len() + 1..];
+        self.set(&format!("{section}.{key}"), toml::Value::String(value), format!("environment {name}"));
+    }
+
+    /// Reads every known key with its default, collecting issues, and then reports unknown keys.
+    fn read(&mut self) -> Config {
+        let mut used = BTreeSet::new();
+        let mut r = Reader { sources: self, used: &mut used };
+
+        let server = ServerConfig {
+            listen: r.get("server.listen", "0.0.0.0:8080".parse().expect("literal address")),
+            admin_listen: r.get("server.admin_listen", "127.0.0.1:9090".parse().expect("literal address")),
+            max_body: r.get("server.max_body", ByteSize::mib(32)),
+            shutdown_grace: r.get("server.shutdown_grace", Duration::from_secs(10)),
+        };
+        let data_dir: PathBuf = r.get("store.data_dir", PathBuf::from("kvsidecar-data"));
+        let engine = EngineConfig {
+            url: r.get("engine.url", http::Uri::from_static("http://127.0.0.1:8081")),
+            slot_dir: r.get("engine.slot_dir", data_dir.join("slots")),
+            connect_timeout: r.get("engine.connect_timeout", Duration::from_secs(5)),
+            response_timeout: r.get("engine.response_timeout", Duration::from_secs(300)),
+            probe_interval: r.get("engine.probe_interval", Duration::from_secs(2)),
+            cache_type_k: r.get("engine.cache_type_k", KvCacheType::F16),
+            cache_type_v: r.get("engine.cache_type_v", KvCacheType::F16),
+            flash_attention: r.get("engine.flash_attention", FlashAttention::Auto),
+            unified_kv: r.get("engine.unified_kv", false),
+            model_aliases: r.get("engine.model_aliases", Vec::new()),
+        };
+        let request = RequestConfig {
+            tenant_header: r.get("request.tenant_header", http::HeaderName::from_static("x-kvsidecar-tenant")),
+            default_tenant: r.get("request.default_tenant", "default".to_string()),
+        };
+        let prefix = PrefixConfig {
+            block_tokens: r.get("prefix.block_tokens", NonZeroU32::new(64).expect("non-zero literal")),
+        };
+        let store = StoreConfig {
+            data_dir,
+            capacity: r.get("store.capacity", ByteSize::gib(20)),
+            chunk_size: r.get("store.chunk_size", ByteSize::mib(1)),
+            max_snapshot: r.get("store.max_snapshot", ByteSize::gib(2)),
+        };
+        let snapshot = SnapshotConfig {
+            min_tokens: r.get("snapshot.min_tokens", 256),
+            restore_min_gain: r.get("snapshot.restore_min_gain", 64),
+        };
+        let log = LogConfig {
+            level: r.get("log.level", "info".to_string()),
+            format: r.get("log.format", LogFormat::Human),
+            log_prompts: r.get("log.log_prompts", false),
+        };
+        let config = Config { server, engine, request, prefix, store, snapshot, log };
+
+        for (path, (value, origin)) in &self.values {
+            if !used.contains(path) {
+                let rule = known_keys_rule(path);
+                self.issues.push(ConfigIssue { path: path.clone(), value: value.to_string(), origin: origin.clone(), rule });
+            }
+        }
+        self.check(&config);
+        config
+    }
+
+    /// Checks the rules that span keys or ranges of a single typed value.
+    fn check(&mut self, config: &Config) {
+        let fail = |sources: &mut Self, path: &str, value: String, rule: &str| {
+            let origin = sources.values.get(path).map(|(_, origin)| origin.clone()).unwrap_or_else(|| "default".into());
+            sources.issues.push(ConfigIssue { path: path.into(), value, origin, rule: rule.into() });
+        };
+        if config.engine.url.scheme_str() != Some("http") || config.engine.url.authority().is_none() {
+            fail(self, "engine.url", config.engine.url.to_string(), "must be an http:// URL with a host and port, such as http://127.0.0.1:8081");
+        }
+        if config.store.chunk_size.as_u64() < 4096 || config.store.chunk_size.as_u64() > 64 << 20 {
+            fail(self, "store.chunk_size", config.store.chunk_size.to_string(), "must be between 4 KiB and 64 MiB");
+        }
+        if config.store.capacity.as_u64() < config.store.chunk_size.as_u64() {
+            fail(self, "store.capacity", config.store.capacity.to_string(), "must be at least store.chunk_size");
+        }
+        if config.server.max_body.as_u64() == 0 {
+            fail(self, "server.max_body", config.server.max_body.to_string(), "must be larger than 0");
+        }
+        for (path, value) in [
+            ("engine.connect_timeout", config.engine.connect_timeout),
+            ("engine.response_timeout", config.engine.response_timeout),
+            ("engine.probe_interval", config.engine.probe_interval),
+        ] {
+            if value.is_zero() {
+                fail(self, path, humantime::format_duration(value).to_string(), "must be longer than 0s");
+            }
+        }
+        if config.request.default_tenant.is_empty() {
+            fail(self, "request.default_tenant", "\"\"".into(), "must not be empty");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&config.log.level).is_err() {
+            fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
+        }
+    }
+}
+
+fn known_keys_rule(path: &str) -> String {
+    let section = path.split('.').next().unwrap_or_default();
+    if SECTIONS.contains(&section) {
+        format!("unknown key in [{section}]; config/kvsidecar.toml lists the known keys")
+    } else {
+        format!("unknown section; the sections are {}", SECTIONS.join(", "))
+    }
+}
+
+struct Reader<'a> {
+    sources: &'a mut Sources,
+    used: &'a mut BTreeSet<String>,
+}
+
+impl Reader<'_> {
+    /// Returns the value of `path` parsed as `T`, or `default` when the key is absent or invalid
+    /// (an invalid value is recorded as an issue, so the default is never used silently).
+    fn get<T: ConfigValue>(&mut self, path: &str, default: T) -> T {
+        self.used.insert(path.to_string());
+        let Some((value, origin)) = self.sources.values.get(path) else { return default };
+        match T::parse(value) {
+            Ok(parsed) => parsed,
+            Err(rule) => {
+                let issue = ConfigIssue { path: path.to_string(), value: value.to_string(), origin: origin.clone(), rule };
+                self.sources.issues.push(issue);
+                default
+            }
+        }
+    }
+}
+
+/// A type that a configuration value can be parsed into. Values from the environment and flags
+/// arrive as strings, so every numeric and boolean type also accepts its string form.
+trait ConfigValue: Sized {
+    fn parse(value: &toml::Value) -> Result<Self, String>;
+}
+
+fn text(value: &toml::Value) -> Option<&str> {
+    value.as_str()
+}
+
+impl ConfigValue for String {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        text(value).map(str::to_string).ok_or_else(|| "must be a string".into())
+    }
+}
+
+impl ConfigValue for bool {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Boolean(flag) => Ok(*flag),
+            toml::Value::String(s) if s == "true" => Ok(true),
+            toml::Value::String(s) if s == "false" => Ok(false),
+            _ => Err("must be true or false".into()),
+        }
+    }
+}
+
+impl ConfigValue for u32 {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a whole number from 0 to 4294967295".to_string();
+        match value {
+            toml::Value::Integer(n) => u32::try_from(*n).map_err(|_| rule()),
+            toml::Value::String(s) => s.trim().parse().map_err(|_| rule()),
+            _ => Err(rule()),
+        }
+    }
+}
+
+impl ConfigValue for NonZeroU32 {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let n = u32::parse(value).map_err(|_| "must be a whole number from 1 to 4294967295".to_string())?;
+        NonZeroU32::new(n).ok_or_else(|| "must be at least 1".into())
+    }
+}
+
+impl ConfigValue for ByteSize {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a byte size such as \"512MiB\" or \"20GiB\", or a number of bytes".to_string();
+        match value {
+            toml::Value::Integer(n) => u64::try_from(*n).map(ByteSize::b).map_err(|_| rule()),
+            toml::Value::String(s) => s.trim().parse::<ByteSize>().map_err(|_| rule()),
+            _ => Err(rule()),
+        }
+    }
+}
+
+impl ConfigValue for Duration {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a duration with a unit, such as \"500ms\", \"5s\" or \"2m\"".to_string();
+        text(value).ok_or_else(rule).and_then(|s| humantime::parse_duration(s.trim()).map_err(|_| rule()))
+    }
+}
+
+impl ConfigValue for SocketAddr {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be an IP address and port, such as \"0.0.0.0:8080\" or \"[::1]:9090\"".to_string();
+        text(value).ok_or_else(rule).and_then(|s| s.trim().parse().map_err(|_| rule()))
+    }
+}
+
+impl ConfigValue for PathBuf {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        match text(value) {
+            Some(s) if !s.is_empty() => Ok(PathBuf::from(s)),
+            _ => Err("must be a non-empty path".into()),
+        }
+    }
+}
+
+impl ConfigValue for http::Uri {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a URL such as \"http://127.0.0.1:8081\"".to_string();
+        let s = text(value).ok_or_else(rule)?;
+        s.trim().trim_end_matches('/').parse().map_err(|_| rule())
+    }
+}
+
+impl ConfigValue for http::HeaderName {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a valid HTTP header name, such as \"x-tenant-id\"".to_string();
+        text(value).ok_or_else(rule).and_then(|s| s.trim().parse().map_err(|_| rule()))
+    }
+}
+
+impl ConfigValue for Vec<String> {
+    /// Accepts a TOML array of strings, or a comma-separated string from the environment.
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a list of strings".to_string();
+        match value {
+            toml::Value::Array(items) => items.iter().map(|item| text(item).map(str::to_string).ok_or_else(rule)).collect(),
+            toml::Value::String(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()),
+            _ => Err(rule()),
+        }
+    }
+}
+
+/// Enums parse through serde from their snake_case names.
+macro_rules! enum_value {
+    ($type:ty, $names:literal) => {
+        impl ConfigValue for $type {
+            fn parse(value: &toml::Value) -> Result<Self, String> {
+                let rule = || format!("must be one of {}", $names);
+                let name = text(value).ok_or_else(rule)?;
+                serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name.trim()))
+                    .map_err(|_| rule())
+            }
+        }
+    };
+}
+
+enum_value!(KvCacheType, "f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1");
+enum_value!(FlashAttention, "on, off, auto");
+enum_value!(LogFormat, "human, json");
+
+#[cfg(test)]
+mod tests;

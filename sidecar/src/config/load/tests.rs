@@ -1,0 +1,77 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn issues(result: Result<Config, ConfigError>) -> Vec<ConfigIssue> {
+    match result {
+        Err(ConfigError::Invalid(issues)) => issues,
+        other => panic!("expected invalid configuration, got {other:?}"),
+    }
+}
+
+#[test]
+fn defaults_need_nothing() {
+    let config = load(&Overrides::default(), env(&[])).unwrap();
+    assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.server.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(config.engine.slot_dir, PathBuf::from("kvsidecar-data/slots"));
+    assert_eq!(config.prefix.block_tokens.get(), 64);
+}
+
+#[test]
+fn environment_sets_keys() {
+    let config = load(
+        &Overrides::default(),
+        env(&[("KVSIDECAR_STORE_CAPACITY", "2GiB"), ("KVSIDECAR_SNAPSHOT_MIN_TOKENS", "10"), ("KVSIDECAR_CACHE", "/tmp/x")]),
+    )
+    .unwrap();
+    assert_eq!(config.store.capacity, ByteSize::gib(2));
+    assert_eq!(config.snapshot.min_tokens, 10);
+}
+
+#[test]
+fn flags_override_environment() {
+    let overrides = Overrides { engine: Some("http://127.0.0.1:9999".into()), ..Overrides::default() };
+    let config = load(&overrides, env(&[("KVSIDECAR_ENGINE_URL", "http://127.0.0.1:1")])).unwrap();
+    assert_eq!(config.engine.url.to_string(), "http://127.0.0.1:9999/");
+}
+
+#[test]
+fn every_bad_key_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[server]\nlisten = \"nowhere\"\n[store]\ncapacity = \"lots\"\ncolour = 1\n[prefix]\nblock_tokens = 0\n").unwrap();
+    let overrides = Overrides { config_file: Some(path), ..Overrides::default() };
+    let found = issues(load(&overrides, env(&[("KVSIDECAR_ENGINE_RESPONSE_TIMEOUT", "5")])));
+    let paths: Vec<&str> = found.iter().map(|issue| issue.path.as_str()).collect();
+    assert!(paths.contains(&"server.listen"), "{paths:?}");
+    assert!(paths.contains(&"store.capacity"), "{paths:?}");
+    assert!(paths.contains(&"store.colour"), "{paths:?}");
+    assert!(paths.contains(&"prefix.block_tokens"), "{paths:?}");
+    assert!(paths.contains(&"engine.response_timeout"), "{paths:?}");
+    let timeout = found.iter().find(|issue| issue.path == "engine.response_timeout").unwrap();
+    assert_eq!(timeout.origin, "environment KVSIDECAR_ENGINE_RESPONSE_TIMEOUT");
+    assert!(timeout.rule.contains("duration"));
+}
+
+#[test]
+fn non_http_engine_url_rejected() {
+    let overrides = Overrides { engine: Some("ftp://x".into()), ..Overrides::default() };
+    let found = issues(load(&overrides, env(&[])));
+    assert_eq!(found[0].path, "engine.url");
+    assert_eq!(found[0].origin, "flag --engine");
+}
+
+#[test]
+fn toml_syntax_error_names_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, "[server\n").unwrap();
+    let overrides = Overrides { config_file: Some(path.clone()), ..Overrides::default() };
+    match load(&overrides, env(&[])) {
+        Err(ConfigError::Syntax { path: reported, .. }) => assert_eq!(reported, path),
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+}

@@ -1,0 +1,152 @@
+//! Typed configuration of `kvsidecar serve`: its sections, defaults and validation rules.
+//!
+//! Values come, in rising precedence, from the built-in defaults, a TOML file, environment
+//! variables named `KVSIDECAR_<SECTION>_<KEY>`, and command-line flags. `load` reads all of them and
+//! reports every invalid key at once.
+
+mod load;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use load::{ConfigError, ConfigIssue, Overrides, load};
+pub use bytesize::ByteSize;
+
+/// The whole configuration, one field per TOML section.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub engine: EngineConfig,
+    pub request: RequestConfig,
+    pub prefix: PrefixConfig,
+    pub store: StoreConfig,
+    pub snapshot: SnapshotConfig,
+    pub log: LogConfig,
+}
+
+/// Listeners and limits of the client-facing HTTP server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the client API (OpenAI-compatible and pass-through).
+    pub listen: SocketAddr,
+    /// Address of the admin API; loopback unless the operator chooses otherwise.
+    pub admin_listen: SocketAddr,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_body: ByteSize,
+    /// Time given to in-flight requests to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// Which KV-cache storage type the engine was started with (`-ctk` / `-ctv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Iq4Nl,
+    Q5_0,
+    Q5_1,
+}
+
+/// The engine's flash-attention setting (`-fa on|off|auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlashAttention {
+    On,
+    Off,
+    Auto,
+}
+
+/// The inference engine beside the sidecar and the KV settings it was started with.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Base URL of the engine's HTTP server (`http://host:port`).
+    pub url: http::Uri,
+    /// Folder the engine reads and writes slot files in (llama-server's `--slot-save-path`).
+    pub slot_dir: PathBuf,
+    /// Time allowed to open a TCP connection to the engine.
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to receiving the engine's response headers.
+    pub response_timeout: Duration,
+    /// Interval of the engine health probe that detects restarts.
+    pub probe_interval: Duration,
+    /// Declared K cache type (`-ctk`).
+    pub cache_type_k: KvCacheType,
+    /// Declared V cache type (`-ctv`).
+    pub cache_type_v: KvCacheType,
+    /// Declared flash-attention setting (`-fa`).
+    pub flash_attention: FlashAttention,
+    /// Declared unified KV buffer for all slots (`-kvu`).
+    pub unified_kv: bool,
+    /// Extra model names accepted in requests besides the engine's own model id.
+    pub model_aliases: Vec<String>,
+}
+
+/// How requests are attributed to tenants.
+#[derive(Debug, Clone)]
+pub struct RequestConfig {
+    /// Header that carries the tenant id.
+    pub tenant_header: http::HeaderName,
+    /// Tenant of requests without the header.
+    pub default_tenant: String,
+}
+
+/// Prefix hashing.
+#[derive(Debug, Clone)]
+pub struct PrefixConfig {
+    /// Tokens per hashed block.
+    pub block_tokens: NonZeroU32,
+}
+
+/// The local snapshot store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Folder of the RocksDB database.
+    pub data_dir: PathBuf,
+    /// Maximum total size of stored snapshot files; the least recently used are evicted above it.
+    pub capacity: ByteSize,
+    /// Size of the chunks a snapshot file is stored in.
+    pub chunk_size: ByteSize,
+    /// Largest single snapshot accepted; larger slot files are not stored.
+    pub max_snapshot: ByteSize,
+}
+
+/// When snapshots are taken and restored.
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    /// Shortest prompt, in tokens, whose slot is saved after the response.
+    pub min_tokens: u32,
+    /// Tokens a stored snapshot must add over the best slot's prefix before it is restored.
+    pub restore_min_gain: u32,
+}
+
+/// Output format of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `tracing` filter directive, as in `RUST_LOG` (`info`, `kvsidecar=debug`, ...).
+    pub level: String,
+    pub format: LogFormat,
+    /// Allows prompt text and token ids in debug logs. Off by default because prompts hold user data.
+    pub log_prompts: bool,
+}
+
+impl Config {
+    /// Returns the configuration that `kvsidecar serve` uses when nothing is set.
+    pub fn defaults() -> Config {
+        load::defaults()
+    }
+}

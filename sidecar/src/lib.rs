@@ -1,0 +1,36 @@
+//! kvsidecar: a sidecar for LLM inference servers that recognises prompt prefixes already
+//! computed, keeps their KV-cache state as snapshots in RocksDB, and restores them into the
+//! engine instead of computing them again.
+//!
+//! # Layout
+//!
+//! A completion request passes these modules in order:
+//!
+//! | step | module |
+//! | --- | --- |
+//! | accept and route by path | [`server`], [`proxy`] |
+//! | parse and validate | [`request`], [`error`] |
+//! | identify the prefix | [`engine`] (template, tokenizer), [`prefix`] (block hashes) |
+//! | pick a slot | [`slots`] |
+//! | restore a stored snapshot | [`restore`], [`store`] |
+//! | forward and stream back | `proxy::completion` |
+//! | snapshot the slot afterwards | [`snapshot`], [`store`] |
+//!
+//! Around them: [`config`] and [`cli`] for start-up, [`monitor`] for engine readiness and
+//! restarts, [`admin`] for the loopback admin API, [`app`] for shared state.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod monitor;
+pub mod prefix;
+pub mod proxy;
+pub mod request;
+pub mod restore;
+pub mod server;
+pub mod slots;
+pub mod snapshot;
+pub mod store;

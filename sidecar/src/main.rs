@@ -1,0 +1,85 @@
+//! The `kvsidecar` binary: parses the command line, loads the configuration, and decides the exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kvsidecar::cli::{Cli, Command};
+use kvsidecar::config::{self, Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => match load(&args) {
+            Some(config) => serve(config),
+            None => ExitCode::from(2),
+        },
+        Command::Config(args) => match load(&args) {
+            Some(config) => {
+                println!("{config:#?}");
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(2),
+        },
+    }
+}
+
+fn load(args: &kvsidecar::cli::ServeArgs) -> Option<Config> {
+    match config::load(&args.overrides(), std::env::vars()) {
+        Ok(config) => Some(config),
+        Err(error) => {
+            eprintln!("error: {error}");
+            None
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kvsidecar::server::serve(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error, "kvsidecar failed");
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    // The level was validated with the same parser when the configuration was loaded.
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(error = %error, "failed to watch SIGTERM; only SIGINT stops the sidecar");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

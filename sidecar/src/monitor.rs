@@ -1,0 +1,83 @@
+//! The engine monitor: probes the engine until it is ready, then watches its health and slot
+//! activity to detect restarts, after which the slot table is rebuilt and the engine probed anew.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::app::{App, Ready};
+use crate::slots::Slots;
+
+/// Runs until `shutdown` changes, probing every `engine.probe_interval`.
+pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(app.config.engine.probe_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut generation = 0u64;
+    let mut last_error = String::new();
+    let mut last_task_id: Option<u64> = None;
+
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+
+        let Some(ready) = app.ready() else {
+            match app.engine.probe().await {
+                Ok(info) => {
+                    generation += 1;
+                    let slots = Slots::new(info.total_slots);
+                    slots.set_tokens(0, info.slot0_tokens.clone());
+                    tracing::info!(
+                        engine.url = %app.config.engine.url,
+                        engine.model = %info.model_id,
+                        engine.slots = info.total_slots,
+                        engine.generation = generation,
+                        fingerprint = %info.fingerprint,
+                        "engine ready"
+                    );
+                    if let Some(reason) = &info.snapshots_disabled {
+                        tracing::error!(reason = %reason, "snapshots disabled: the engine's slot files cannot be saved or restored");
+                    }
+                    last_task_id = app.engine.slot_activity().await.ok().and_then(|activity| activity.max_task_id);
+                    app.set_ready(Ready { info, slots, generation });
+                    last_error.clear();
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    if message != last_error {
+                        tracing::warn!(engine.url = %app.config.engine.url, error = %message, "engine not ready");
+                        last_error = message.clone();
+                    }
+                    let unreachable = matches!(error, crate::engine::EngineError::Unreachable { .. });
+                    app.set_not_ready(message, unreachable);
+                }
+            }
+            continue;
+        };
+
+        if !app.engine.healthy().await {
+            tracing::warn!(engine.url = %app.config.engine.url, engine.generation = ready.generation, "engine stopped answering its health check; slots are forgotten until it is probed again");
+            app.set_not_ready("engine health check failed".into(), true);
+            last_task_id = None;
+            continue;
+        }
+
+        // Task ids only grow within one engine process, so a smaller maximum means a restart
+        // that happened between two health checks.
+        if let Ok(activity) = app.engine.slot_activity().await {
+            let restarted = match (last_task_id, activity.max_task_id) {
+                (Some(before), Some(now)) => now < before,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if restarted {
+                tracing::warn!(engine.url = %app.config.engine.url, engine.generation = ready.generation, "engine restarted; probing it again");
+                app.set_not_ready("engine restarted".into(), false);
+                last_task_id = None;
+                continue;
+            }
+            last_task_id = activity.max_task_id.or(last_task_id);
+        }
+    }
+}

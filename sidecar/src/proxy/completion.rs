@@ -1,0 +1,276 @@
+//! The cache path of a completion request, in the order it runs: parse, identify the prefix,
+//! pick a slot, restore a stored snapshot when it beats the slot, forward, stream back, and
+//! schedule a snapshot of the slot after the response.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::body::{StreamEnd, TrackedBody};
+use super::{ResponseBody, full, strip_hop_by_hop};
+use crate::app::{App, CacheSource, Counters, Ready};
+use crate::engine::http_client::{full_body, read_limited};
+use crate::error::ApiError;
+use crate::prefix::{Namespace, block_hashes, common_prefix};
+use crate::request::{self, CompletionRequest, Endpoint};
+use crate::slots::SlotLease;
+use crate::{restore, snapshot};
+
+/// Response header: prompt tokens the engine did not compute.
+pub const CACHED_TOKENS_HEADER: &str = "x-kvsidecar-cached-tokens";
+/// Response header: where the reused KV came from (`none`, `slot`, `local`).
+pub const CACHE_SOURCE_HEADER: &str = "x-kvsidecar-cache-source";
+
+/// Largest non-streaming engine response read to find its cache figures.
+const MAX_RESPONSE_BODY: usize = 256 << 20;
+
+pub async fn handle(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -> Response<ResponseBody> {
+    Counters::add(&app.counters.requests, 1);
+    match serve(&app, request, endpoint).await {
+        Ok(response) => response,
+        Err(error) => {
+            Counters::add(&app.counters.requests_failed, 1);
+            if error.status.is_server_error() {
+                tracing::warn!(endpoint = endpoint.as_str(), http.status = error.status.as_u16(), error = %error.message, "completion request failed");
+            } else {
+                tracing::debug!(endpoint = endpoint.as_str(), http.status = error.status.as_u16(), error = %error.message, "completion request rejected");
+            }
+            error.into_response()
+        }
+    }
+}
+
+/// What the cache path decided for one request.
+struct Plan {
+    tokens: Vec<u32>,
+    namespace: Namespace,
+    tenant: String,
+    source: CacheSource,
+    /// Prompt tokens the engine is expected to take from the slot.
+    cached: u32,
+    /// Prompt tokens already covered by a stored snapshot (block-aligned).
+    stored: usize,
+}
+
+async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -> Result<Response<ResponseBody>, ApiError> {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+
+    // Parse: bounded body, valid JSON, the fields the cache depends on.
+    let limit = app.config.server.max_body.as_u64();
+    let bytes = read_limited(body, limit as usize + 1).await.map_err(|_| ApiError::body_too_large(limit))?;
+    if bytes.len() as u64 > limit {
+        return Err(ApiError::body_too_large(limit));
+    }
+    let mut parsed = request::parse(endpoint, &bytes)?;
+    let ready = app.ready().ok_or_else(|| app.not_ready_error())?;
+    check_model(app, &ready, parsed.model.as_deref())?;
+    if let Some(slot) = parsed.requested_slot.filter(|slot| !ready.slots.contains(*slot)) {
+        return Err(ApiError::invalid_value(
+            "id_slot",
+            format!("invalid id_slot {slot}: the engine has {} slots, numbered from 0", ready.slots.len()),
+        ));
+    }
+    let tenant = tenant_of(app, &parts.headers)?;
+    if !parsed.single_prompt {
+        return forward_uncached(app, parsed).await;
+    }
+
+    // Prefix: the engine's own tokens, hashed in chained blocks under the request's namespace.
+    let tokens = app.engine.prompt_tokens(endpoint, &parsed.body).await.map_err(|error| ApiError::from_engine(&error))?;
+    if let Some(bad) = tokens.iter().find(|token| **token >= ready.info.n_vocab) {
+        return Err(ApiError::invalid_value("prompt", format!("invalid token id {bad} in 'prompt': the model's vocabulary has {} tokens", ready.info.n_vocab)));
+    }
+    let namespace = Namespace::new(&ready.info.fingerprint, &tenant, parsed.cache_salt.as_deref());
+    let block = app.config.prefix.block_tokens.get() as usize;
+    let hashes = block_hashes(&namespace, &tokens, block);
+    let snapshots_enabled = ready.info.snapshots_disabled.is_none();
+    let stored_match = if snapshots_enabled { app.store.longest_prefix(&hashes).map_err(|error| ApiError::internal(error.to_string()))? } else { None };
+    let stored = stored_match.map(|found| found.blocks as usize * block).unwrap_or(0);
+
+    // Route: the slot with the longest common prefix, or a slot to restore into when the store
+    // holds a clearly longer prefix.
+    let min_gain = app.config.snapshot.restore_min_gain as usize;
+    let slot = match parsed.requested_slot {
+        Some(slot) => slot,
+        None => {
+            let best = ready.slots.best_for(&tokens).ok_or_else(|| ApiError::not_ready("the engine reports no slots"))?;
+            if stored > best.common + min_gain { ready.slots.victim_for_restore(&tokens).unwrap_or(best.slot) } else { best.slot }
+        }
+    };
+    let lease = ready.slots.acquire(slot).await.ok_or_else(|| ApiError::internal(format!("slot {slot} vanished")))?;
+
+    // Restore: the slot's contents may have changed while waiting, so decide again under the lease.
+    let mut common = common_prefix(&ready.slots.tokens(slot), &tokens);
+    let mut source = if common > 0 { CacheSource::Slot } else { CacheSource::None };
+    if let Some(found) = stored_match.filter(|_| stored > common + min_gain) {
+        if let Some(restored) = restore::into_slot(app, &ready, slot, found).await {
+            common = common_prefix(&restored, &tokens);
+            source = CacheSource::Local;
+        } else {
+            common = 0;
+            source = CacheSource::None;
+        }
+    }
+    let reuse = parsed.body.get("cache_prompt").and_then(serde_json::Value::as_bool).unwrap_or(true);
+    let cached = if reuse { common.min(tokens.len().saturating_sub(1)) as u32 } else { 0 };
+    if common == 0 || !reuse {
+        source = CacheSource::None;
+    }
+    let plan = Plan { tokens, namespace, tenant, source, cached, stored };
+    if app.config.log.log_prompts {
+        tracing::debug!(slot, tokens = ?plan.tokens, "prompt tokens");
+    }
+    tracing::debug!(endpoint = endpoint.as_str(), slot, prompt.tokens = plan.tokens.len(), cache.source = source.as_str(), cache.tokens = cached, elapsed_us = started.elapsed().as_micros() as u64, "request planned");
+
+    // Forward, pinned to the slot.
+    app.engine.pin_to_slot(&mut parsed.body, slot);
+    forward(app, ready, lease, parsed, plan).await
+}
+
+async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: CompletionRequest, plan: Plan) -> Result<Response<ResponseBody>, ApiError> {
+    let upstream = upstream_request(app, &parsed)?;
+    let response = match app.engine.client().send(upstream).await {
+        Ok(response) => response,
+        Err(error) => {
+            ready.slots.set_tokens(lease.slot, Vec::new());
+            return Err(ApiError::from_engine(&error));
+        }
+    };
+
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    let success = head.status.is_success();
+
+    if parsed.stream && success {
+        set_cache_headers(&mut head.headers, plan.source, plan.cached);
+        record(app, plan.source, plan.tokens.len(), plan.cached);
+        let app = app.clone();
+        let tracked = TrackedBody::new(body, move |end| finish(app, ready, lease, plan, end == StreamEnd::Completed));
+        return Ok(Response::from_parts(head, tracked.boxed()));
+    }
+
+    // A non-streaming answer is one JSON document that the engine sends only when complete, so
+    // reading it whole adds no delay and gives the engine's own count of reused tokens.
+    let bytes = match read_limited(body, MAX_RESPONSE_BODY).await {
+        Ok(bytes) => bytes,
+        Err(detail) => {
+            ready.slots.set_tokens(lease.slot, Vec::new());
+            return Err(ApiError::from_engine(&crate::engine::EngineError::InvalidResponse { path: "completion".into(), detail }));
+        }
+    };
+    let reported = serde_json::from_slice(&bytes).ok().and_then(|value| app.engine.cached_tokens_in_response(&value));
+    let cached = if success { reported.unwrap_or(plan.cached) } else { 0 };
+    // The engine can hold more than the sidecar knew (state from before the sidecar started),
+    // so a reuse the plan did not expect still came from the slot.
+    let source = match (cached, plan.source) {
+        (0, _) => CacheSource::None,
+        (_, CacheSource::None) => CacheSource::Slot,
+        (_, planned) => planned,
+    };
+    if success && reported.is_some_and(|n| n != plan.cached) {
+        tracing::debug!(slot = lease.slot, expected = plan.cached, reported = cached, "engine reused a different number of tokens than planned");
+    }
+    set_cache_headers(&mut head.headers, source, cached);
+    head.headers.remove(http::header::CONTENT_LENGTH);
+    if success {
+        record(app, source, plan.tokens.len(), cached);
+    }
+    finish(app.clone(), ready, lease, plan, success);
+    Ok(Response::from_parts(head, full(bytes)))
+}
+
+fn record(app: &App, source: CacheSource, prompt_tokens: usize, cached: u32) {
+    app.counters.count_source(source);
+    Counters::add(&app.counters.prompt_tokens, prompt_tokens as u64);
+    Counters::add(&app.counters.cached_tokens, u64::from(cached));
+}
+
+/// Runs after the response: records what the slot holds and, for a long prompt not yet stored,
+/// saves the slot as a snapshot off the response path.
+fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, completed: bool) {
+    if !completed {
+        // The engine may have stopped anywhere in the prompt, so its slot contents are unknown.
+        Counters::add(&app.counters.client_disconnects, 1);
+        ready.slots.set_tokens(lease.slot, Vec::new());
+        return;
+    }
+    ready.slots.set_tokens(lease.slot, plan.tokens.clone());
+
+    let block = app.config.prefix.block_tokens.get() as usize;
+    let long_enough = plan.tokens.len() >= app.config.snapshot.min_tokens as usize;
+    let already_stored = plan.stored >= plan.tokens.len() / block * block;
+    if !long_enough || already_stored || ready.info.snapshots_disabled.is_some() {
+        return;
+    }
+    let Ok(permit) = app.snapshot_permits.clone().try_acquire_owned() else {
+        Counters::add(&app.counters.snapshots_skipped, 1);
+        tracing::debug!(slot = lease.slot, "snapshot skipped: saves already in progress");
+        return;
+    };
+    tokio::spawn(async move {
+        snapshot::save(&app, &ready, lease, plan.namespace, plan.tenant).await;
+        drop(permit);
+    });
+}
+
+fn upstream_request(app: &App, parsed: &CompletionRequest) -> Result<Request<crate::engine::UpstreamBody>, ApiError> {
+    let path = match parsed.endpoint {
+        Endpoint::ChatCompletions => "/v1/chat/completions",
+        Endpoint::Completions => "/v1/completions",
+        Endpoint::NativeCompletion => "/completion",
+    };
+    let payload = serde_json::to_vec(&parsed.body).map_err(|error| ApiError::internal(error.to_string()))?;
+    Request::builder()
+        .method(http::Method::POST)
+        .uri(app.engine.client().uri(path))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(full_body(Bytes::from(payload)))
+        .map_err(|error| ApiError::internal(error.to_string()))
+}
+
+/// Forwards a batch of prompts without slot pinning or snapshots.
+async fn forward_uncached(app: &App, parsed: CompletionRequest) -> Result<Response<ResponseBody>, ApiError> {
+    let response = app.engine.client().send(upstream_request(app, &parsed)?).await.map_err(|error| ApiError::from_engine(&error))?;
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    set_cache_headers(&mut head.headers, CacheSource::None, 0);
+    app.counters.count_source(CacheSource::None);
+    Ok(Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed()))
+}
+
+fn set_cache_headers(headers: &mut http::HeaderMap, source: CacheSource, cached: u32) {
+    headers.insert(CACHED_TOKENS_HEADER, HeaderValue::from(cached));
+    headers.insert(CACHE_SOURCE_HEADER, HeaderValue::from_static(source.as_str()));
+}
+
+fn check_model(app: &App, ready: &Ready, requested: Option<&str>) -> Result<(), ApiError> {
+    let Some(requested) = requested else { return Ok(()) };
+    let model = &ready.info.model_id;
+    let file = &ready.info.fingerprint_inputs.model_file;
+    let known = std::iter::once(model).chain(std::iter::once(file)).chain(app.config.engine.model_aliases.iter());
+    if requested == model || requested == file || app.config.engine.model_aliases.iter().any(|alias| alias == requested) {
+        return Ok(());
+    }
+    let names: Vec<String> = known.filter(|name| !name.is_empty()).cloned().collect();
+    Err(ApiError::unknown_model(requested, &names))
+}
+
+/// Longest tenant id accepted in the tenant header.
+const MAX_TENANT_LEN: usize = 256;
+
+fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
+    let name = &app.config.request.tenant_header;
+    let Some(value) = headers.get(name) else { return Ok(app.config.request.default_tenant.clone()) };
+    match value.to_str() {
+        Ok(text) if !text.trim().is_empty() && text.len() <= MAX_TENANT_LEN => Ok(text.trim().to_string()),
+        _ => Err(ApiError::invalid_value(
+            name.as_str(),
+            format!("invalid header {name}: a tenant id is 1 to {MAX_TENANT_LEN} visible ASCII characters"),
+        )),
+    }
+}

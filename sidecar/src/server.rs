@@ -1,0 +1,142 @@
+//! Listeners, background tasks and graceful shutdown of `kvsidecar serve`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::engine::llamacpp::LlamaCpp;
+use crate::config::Config;
+use crate::proxy::ResponseBody;
+use crate::store::Store;
+use crate::{admin, monitor, proxy};
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("failed to listen on {addr} ({what}): {source}\nhint: choose a free address with {flag}")]
+    Bind { addr: SocketAddr, what: &'static str, flag: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("failed to create the slot folder {path}: {source}")]
+    SlotDir { path: String, source: std::io::Error },
+}
+
+/// Runs the sidecar until `shutdown` resolves, then drains connections for the grace period.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&config.engine.slot_dir)
+        .map_err(|source| ServeError::SlotDir { path: config.engine.slot_dir.display().to_string(), source })?;
+    let store = Arc::new(Store::open(&config.store)?);
+    let client_listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.server.listen, what: "client API", flag: "--listen", source })?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.server.admin_listen, what: "admin API", flag: "--admin-listen", source })?;
+
+    let engine = Arc::new(LlamaCpp::new(&config.engine));
+    let grace = config.server.shutdown_grace;
+    let app = Arc::new(App::new(config, engine, store.clone()));
+    let (stop_sender, stop) = watch::channel(false);
+
+    tracing::info!(
+        listen = %local_addr(&client_listener),
+        admin_listen = %local_addr(&admin_listener),
+        engine.url = %app.config.engine.url,
+        data_dir = %app.config.store.data_dir.display(),
+        "kvsidecar serving"
+    );
+
+    let monitor = tokio::spawn(monitor::run(app.clone(), stop.clone()));
+    let access = tokio::spawn(flush_access(store.clone(), stop.clone()));
+    let client_app = app.clone();
+    let client = tokio::spawn(accept(client_listener, stop.clone(), move |request| proxy::handle(client_app.clone(), request)));
+    let admin_app = app.clone();
+    let admin = tokio::spawn(accept(admin_listener, stop.clone(), move |request| admin::handle(admin_app.clone(), request)));
+
+    shutdown.await;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections, draining requests");
+    let _ = stop_sender.send(true);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = client.await;
+        let _ = admin.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("requests still running after the shutdown grace period were cut");
+    }
+    let _ = monitor.await;
+    let _ = access.await;
+    if let Err(error) = tokio::task::spawn_blocking(move || store.flush_access()).await {
+        tracing::warn!(error = %error, "failed to write the last access records");
+    }
+    tracing::info!("kvsidecar stopped");
+    Ok(())
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener.local_addr().map(|addr| addr.to_string()).unwrap_or_default()
+}
+
+/// Accepts connections until `stop` changes, then waits for open connections to finish.
+async fn accept<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = http::Response<ResponseBody>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(error = %error, "failed to accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = watched.await {
+                tracing::debug!(client.addr = %peer, error = %error, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
+
+/// Writes snapshot access records to the store whenever some are queued.
+async fn flush_access(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = store.access_recorded() => {}
+            _ = stop.changed() => return,
+        }
+        // Batch the records of a burst of hits into one write.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let flushing = store.clone();
+        match tokio::task::spawn_blocking(move || flushing.flush_access()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(error = %error, "failed to write access records"),
+            Err(error) => tracing::warn!(error = %error, "access record task failed"),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The engine's slots as the sidecar tracks them: which tokens each slot holds, one request at a
+//! time per slot, and the choice of slot for a new prompt.
+
+use std::sync::Arc;
+use std::sync::Mutex as SyncMutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::prefix::common_prefix;
+
+/// What one slot holds, as far as the sidecar knows.
+#[derive(Debug, Default, Clone)]
+pub struct SlotContents {
+    /// Tokens known to be in the slot's KV cache, in order. The engine may hold more (the
+    /// generated tokens of the last response); it never holds a different prefix.
+    pub tokens: Arc<Vec<u32>>,
+}
+
+struct Slot {
+    /// Held for the whole life of a request on this slot, so requests on one slot run in turn.
+    lock: Arc<Mutex<()>>,
+    contents: SyncMutex<SlotContents>,
+    last_used: AtomicU64,
+}
+
+/// The slot table of one engine process.
+pub struct Slots {
+    slots: Vec<Slot>,
+    clock: AtomicU64,
+}
+
+/// A slot held by one request. Dropping it lets the next request use the slot.
+pub struct SlotLease {
+    pub slot: u32,
+    _guard: OwnedMutexGuard<()>,
+}
+
+/// The slot chosen for a prompt and what it is expected to reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotChoice {
+    pub slot: u32,
+    /// Tokens of the prompt that the slot already holds.
+    pub common: usize,
+}
+
+impl Slots {
+    pub fn new(count: u32) -> Slots {
+        let slots = (0..count)
+            .map(|_| Slot { lock: Arc::new(Mutex::new(())), contents: SyncMutex::default(), last_used: AtomicU64::new(0) })
+            .collect();
+        Slots { slots, clock: AtomicU64::new(1) }
+    }
+
+    pub fn len(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Returns whether `slot` is an id this engine has.
+    pub fn contains(&self, slot: u32) -> bool {
+        (slot as usize) < self.slots.len()
+    }
+
+    /// Returns the tokens `slot` is known to hold.
+    pub fn tokens(&self, slot: u32) -> Arc<Vec<u32>> {
+        self.slots.get(slot as usize).map(|s| lock(&s.contents).tokens.clone()).unwrap_or_default()
+    }
+
+    /// Records what `slot` holds now.
+    pub fn set_tokens(&self, slot: u32, tokens: Vec<u32>) {
+        if let Some(s) = self.slots.get(slot as usize) {
+            lock(&s.contents).tokens = Arc::new(tokens);
+        }
+    }
+
+    /// Forgets what every slot holds, as after an engine restart.
+    pub fn clear(&self) {
+        for slot in &self.slots {
+            lock(&slot.contents).tokens = Arc::default();
+        }
+    }
+
+    /// Returns each slot's common prefix with `prompt` and whether the slot is free now.
+    pub fn survey(&self, prompt: &[u32]) -> Vec<(u32, usize, bool)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(id, slot)| {
+                let common = common_prefix(&lock(&slot.contents).tokens, prompt);
+                (id as u32, common, slot.lock.try_lock().is_ok())
+            })
+            .collect()
+    }
+
+    /// Chooses the slot for `prompt`: the one holding the longest common prefix, preferring a
+    /// free slot on ties and then the least recently used.
+    pub fn best_for(&self, prompt: &[u32]) -> Option<SlotChoice> {
+        let survey = self.survey(prompt);
+        survey
+            .iter()
+            .max_by_key(|(id, common, free)| (*common, *free, std::cmp::Reverse(self.last_used(*id))))
+            .map(|(slot, common, _)| SlotChoice { slot: *slot, common: *common })
+    }
+
+    /// Chooses a slot to restore a snapshot into: a free slot whose contents matter least to
+    /// `prompt` (the shortest common prefix, then the least recently used), or a busy one if all
+    /// are busy.
+    pub fn victim_for_restore(&self, prompt: &[u32]) -> Option<u32> {
+        let survey = self.survey(prompt);
+        survey
+            .iter()
+            .min_by_key(|(id, common, free)| (!*free, *common, self.last_used(*id)))
+            .map(|(slot, _, _)| *slot)
+    }
+
+    fn last_used(&self, slot: u32) -> u64 {
+        self.slots.get(slot as usize).map(|s| s.last_used.load(Ordering::Relaxed)).unwrap_or_default()
+    }
+
+    /// Waits until `slot` is free and takes it.
+    pub async fn acquire(&self, slot: u32) -> Option<SlotLease> {
+        let entry = self.slots.get(slot as usize)?;
+        let guard = entry.lock.clone().lock_owned().await;
+        entry.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        Some(SlotLease { slot, _guard: guard })
+    }
+}
+
+fn lock<T>(mutex: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Slot contents are replaced whole, so a poisoned lock still holds a consistent value.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

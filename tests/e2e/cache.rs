@@ -1,0 +1,204 @@
+//! Cache behaviour seen by a client: slot hits, restores from the store, prefix matches,
+//! restarts, fingerprint changes and capacity.
+
+use std::time::Duration;
+
+use kvsidecar_tests::{Engine, Sidecar, Workspace, post_json, tokens};
+use serde_json::{Value, json};
+
+/// Sends a native completion of `prompt` at temperature 0 and returns the reply.
+async fn complete(sidecar: &Sidecar, prompt: &[u32]) -> kvsidecar_tests::Reply {
+    let body = json!({"prompt": prompt, "n_predict": 8, "temperature": 0.0});
+    let reply = post_json(&format!("{}/completion", sidecar.url), &body).await.expect("completion request");
+    assert_eq!(reply.status, 200, "completion failed: {}", String::from_utf8_lossy(&reply.body));
+    reply
+}
+
+fn content(reply: &kvsidecar_tests::Reply) -> String {
+    reply.json()["content"].as_str().expect("content string").to_string()
+}
+
+/// Waits until the sidecar has stored `count` snapshots.
+async fn wait_saved(sidecar: &Sidecar, count: u64) -> Value {
+    let stats = sidecar.wait_stats(Duration::from_secs(30), |s| s["requests"]["snapshots_saved"].as_u64() >= Some(count)).await;
+    assert!(stats["requests"]["snapshots_saved"].as_u64() >= Some(count), "snapshots not saved: {stats}");
+    stats
+}
+
+#[tokio::test]
+async fn same_prompt_twice_reuses_slot() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let prompt = tokens(1, 700);
+
+    let first = complete(&sidecar, &prompt).await;
+    let second = complete(&sidecar, &prompt).await;
+
+    assert_eq!(first.cache_source(), "none");
+    assert!(second.cached_tokens() as usize >= prompt.len() - 1, "cached {}", second.cached_tokens());
+    assert_eq!(second.cache_source(), "slot");
+    assert_eq!(content(&first), content(&second));
+}
+
+#[tokio::test]
+async fn restore_after_engine_and_sidecar_restart() {
+    let ws = Workspace::new();
+    let prompt = tokens(2, 700);
+    let expected = {
+        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+        let first = complete(&sidecar, &prompt).await;
+        wait_saved(&sidecar, 1).await;
+        content(&first)
+    };
+
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let again = complete(&sidecar, &prompt).await;
+
+    assert_eq!(again.cache_source(), "local", "log:\n{}", sidecar.log());
+    assert!(again.cached_tokens() as usize >= prompt.len() - 1, "cached {}", again.cached_tokens());
+    assert_eq!(again.json()["timings"]["cache_n"].as_u64(), Some(prompt.len() as u64 - 1), "engine reused the restored KV");
+    assert_eq!(content(&again), expected);
+}
+
+#[tokio::test]
+async fn shared_prefix_restores_block_aligned_part() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let stored = tokens(3, 640);
+    complete(&sidecar, &stored).await;
+    wait_saved(&sidecar, 1).await;
+
+    // Another prompt takes the only slot, so the shared part can only come from the store.
+    complete(&sidecar, &tokens(4, 300)).await;
+    wait_saved(&sidecar, 2).await;
+    let shared = 5 * 64;
+    let mut prompt = stored[..shared].to_vec();
+    prompt.extend(tokens(5, 200).iter().map(|token| if *token == stored[shared] { token + 1 } else { *token }));
+    let reply = complete(&sidecar, &prompt).await;
+
+    assert_eq!(reply.cache_source(), "local");
+    assert_eq!(reply.cached_tokens() as usize, shared);
+    assert_eq!(reply.json()["timings"]["cache_n"].as_u64(), Some(shared as u64));
+}
+
+#[tokio::test]
+async fn two_slots_alternating_conversations_hit() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(2), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let a = tokens(6, 500);
+    let b = tokens(7, 500);
+
+    let a1 = complete(&sidecar, &a).await;
+    let b1 = complete(&sidecar, &b).await;
+    let a2 = complete(&sidecar, &a).await;
+    let b2 = complete(&sidecar, &b).await;
+
+    for (name, reply) in [("A again", &a2), ("B again", &b2)] {
+        assert!(reply.cached_tokens() >= 499, "{name}: cached {}", reply.cached_tokens());
+        assert_ne!(reply.cache_source(), "none", "{name}");
+    }
+    assert_eq!(content(&a1), content(&a2));
+    assert_eq!(content(&b1), content(&b2));
+}
+
+#[tokio::test]
+async fn changed_kv_type_never_restores() {
+    let ws = Workspace::new();
+    let prompt = tokens(8, 600);
+    {
+        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+        complete(&sidecar, &prompt).await;
+        wait_saved(&sidecar, 1).await;
+    }
+
+    let mut spec = ws.tiny_engine(1);
+    spec.extra = vec!["-ctk".into(), "q8_0".into()];
+    let engine = Engine::start(&spec, &ws.logs()).await.unwrap();
+    let mut sidecar_spec = ws.sidecar(&engine);
+    sidecar_spec.env.push(("KVSIDECAR_ENGINE_CACHE_TYPE_K".into(), "q8_0".into()));
+    let sidecar = Sidecar::start(&sidecar_spec, &ws.logs()).await.unwrap();
+    let reply = complete(&sidecar, &prompt).await;
+
+    assert_eq!(reply.cache_source(), "none");
+    assert_eq!(reply.cached_tokens(), 0);
+    let stats = sidecar.stats().await;
+    assert_eq!(stats["requests"]["restores"], 0, "{stats}");
+    assert_eq!(stats["requests"]["restores_failed"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn undeclared_kv_type_change_detected_by_layout() {
+    let ws = Workspace::new();
+    let prompt = tokens(9, 600);
+    {
+        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+        complete(&sidecar, &prompt).await;
+        wait_saved(&sidecar, 1).await;
+    }
+
+    // The operator forgot to declare the new K type: the probed KV layout still differs.
+    let mut spec = ws.tiny_engine(1);
+    spec.extra = vec!["-ctk".into(), "q8_0".into()];
+    let engine = Engine::start(&spec, &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let reply = complete(&sidecar, &prompt).await;
+
+    assert_eq!(reply.cache_source(), "none");
+    assert_eq!(sidecar.stats().await["requests"]["restores"], 0);
+}
+
+#[tokio::test]
+async fn other_model_never_restores() {
+    let ws = Workspace::new();
+    let prompt = tokens(10, 400);
+    {
+        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+        complete(&sidecar, &prompt).await;
+        wait_saved(&sidecar, 1).await;
+    }
+
+    let mut spec = ws.tiny_engine(1);
+    spec.model = kvsidecar_tests::paths().demo_model;
+    let engine = Engine::start(&spec, &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let reply = complete(&sidecar, &prompt).await;
+
+    assert_eq!(reply.cache_source(), "none");
+    assert_eq!(sidecar.stats().await["requests"]["restores"], 0);
+}
+
+#[tokio::test]
+async fn capacity_evicts_oldest_snapshots() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let mut spec = ws.sidecar(&engine);
+    // A 600-token snapshot of the tiny model is about 2.5 MB, so three do not fit.
+    let capacity: u64 = 6_000_000;
+    spec.env.push(("KVSIDECAR_STORE_CAPACITY".into(), capacity.to_string()));
+    let sidecar = Sidecar::start(&spec, &ws.logs()).await.unwrap();
+
+    let prompts: Vec<Vec<u32>> = (0..4).map(|n| tokens(20 + n, 600)).collect();
+    for (n, prompt) in prompts.iter().enumerate() {
+        complete(&sidecar, prompt).await;
+        wait_saved(&sidecar, n as u64 + 1).await;
+    }
+
+    let stats = sidecar.stats().await;
+    assert_eq!(stats["store"]["entries"], 2, "{stats}");
+    assert_eq!(stats["store"]["evicted"], 2, "{stats}");
+    assert!(stats["store"]["bytes"].as_u64().unwrap() <= capacity, "{stats}");
+    let disk = kvsidecar::store::folder_size(&ws.path("data").join("snapshots"));
+    assert!(disk <= capacity, "snapshot folder holds {disk} bytes, capacity is {capacity}");
+
+    let listed = kvsidecar_tests::get(&format!("{}/admin/snapshots", sidecar.admin_url)).await.unwrap().json();
+    let kept: Vec<u64> = listed["snapshots"].as_array().unwrap().iter().map(|s| s["tokens"].as_u64().unwrap()).collect();
+    assert_eq!(kept.len(), 2);
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: real `llama-server` processes with the generated tiny model, real
+//! `kvsidecar` processes and a real RocksDB store, all on loopback ports.
+
+mod bad_input;
+mod cache;
+mod openai_sdk;
+mod resilience;

@@ -1,0 +1,177 @@
+//! Failures around the sidecar: a stopped or slow engine, corrupted stored snapshots, client
+//! disconnects, crashes of the sidecar itself.
+
+use std::time::{Duration, Instant};
+
+use kvsidecar_tests::{Engine, Sidecar, Workspace, get, post_json, tokens};
+use serde_json::json;
+
+#[tokio::test]
+async fn engine_down_is_bad_gateway() {
+    let ws = Workspace::new();
+    let mut engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    engine.kill();
+
+    let reply = post_json(&format!("{}/completion", sidecar.url), &json!({"prompt": "hello", "n_predict": 2})).await.unwrap();
+    assert_eq!(reply.status, 502, "{}", String::from_utf8_lossy(&reply.body));
+    assert!(reply.json()["error"]["code"].as_str().unwrap().starts_with("engine_"));
+    let health = get(&format!("{}/healthz", sidecar.url)).await.unwrap();
+    assert_eq!(health.status, 200, "the sidecar itself stays up");
+    let ready = get(&format!("{}/readyz", sidecar.url)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ready_status = ready.status;
+    while ready_status == 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready_status = get(&format!("{}/readyz", sidecar.url)).await.unwrap().status;
+    }
+    assert_eq!(ready_status, 503, "readiness follows the engine");
+}
+
+#[tokio::test]
+async fn slow_engine_times_out_with_504() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let mut spec = ws.sidecar(&engine);
+    spec.env.push(("KVSIDECAR_ENGINE_RESPONSE_TIMEOUT".into(), "150ms".into()));
+    let sidecar = Sidecar::start(&spec, &ws.logs()).await.unwrap();
+
+    let body = json!({"prompt": tokens(11, 3000), "n_predict": 400, "temperature": 0.0});
+    let reply = post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+    assert_eq!(reply.status, 504, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.json()["error"]["code"], "engine_timeout");
+
+    // The engine finishes or cancels the abandoned request on its own schedule; then a quick
+    // request fits in the timeout again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&format!("{}/slots", engine.url)).await.unwrap().json()[0]["is_processing"] == true {
+        assert!(Instant::now() < deadline, "engine still busy with the abandoned request");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let quick = post_json(&format!("{}/completion", sidecar.url), &json!({"prompt": tokens(12, 8), "n_predict": 1})).await.unwrap();
+    assert_eq!(quick.status, 200, "the sidecar serves after a timeout");
+}
+
+#[tokio::test]
+async fn corrupt_stored_snapshot_is_a_miss() {
+    let ws = Workspace::new();
+    let prompt = tokens(13, 600);
+    let body = json!({"prompt": prompt, "n_predict": 8, "temperature": 0.0});
+    let expected = {
+        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+        let first = post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+        sidecar.wait_stats(Duration::from_secs(30), |s| s["requests"]["snapshots_saved"] == 1).await;
+        first.json()["content"].clone()
+    };
+
+    let id = {
+        let mut config = kvsidecar::config::Config::defaults().store;
+        config.data_dir = ws.path("data");
+        let store = kvsidecar::store::Store::open(&config).unwrap();
+        let snapshots = store.list().unwrap();
+        assert_eq!(snapshots.len(), 1);
+        store.corrupt_first_chunk(&snapshots[0].id).unwrap();
+        snapshots[0].id
+    };
+
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let reply = post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-kvsidecar-cache-source"), Some("none"));
+    assert_eq!(reply.json()["content"], expected, "the recomputed answer is unchanged");
+    let log = sidecar.log();
+    assert!(log.contains("failed verification") && log.contains(&id.to_hex()), "warning with the snapshot id:\n{log}");
+    let stats = sidecar.stats().await;
+    assert_eq!(stats["store"]["corrupt_deleted"], 1, "{stats}");
+    assert_eq!(stats["requests"]["restores"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn killed_sidecar_keeps_store_consistent() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let prompt = tokens(14, 600);
+    let body = json!({"prompt": prompt, "n_predict": 4, "temperature": 0.0});
+    {
+        let mut sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+        post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+        // Kill while the snapshot may still be on its way into the store.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        sidecar.kill();
+    }
+
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let stats = sidecar.stats().await;
+    let entries = stats["store"]["entries"].as_u64().unwrap();
+    assert!(entries <= 1, "{stats}");
+    let listed = get(&format!("{}/admin/snapshots", sidecar.admin_url)).await.unwrap().json();
+    for snapshot in listed["snapshots"].as_array().unwrap() {
+        assert!(snapshot["bytes"].as_u64().unwrap() > 0);
+    }
+    let reply = post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(sidecar.stats().await["store"]["corrupt_deleted"], 0, "no torn snapshot was found");
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_generation() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = json!({"prompt": tokens(15, 50), "n_predict": 100000, "stream": true, "temperature": 0.0, "ignore_eos": true}).to_string();
+        let address = sidecar.url.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!("POST /completion HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buffer = vec![0u8; 4096];
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(String::from_utf8_lossy(&buffer[..read]).contains("200 OK"));
+    }
+
+    // The engine stops generating once the sidecar drops the upstream connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let slots = get(&format!("{}/slots", engine.url)).await.unwrap().json();
+        if slots[0]["is_processing"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "engine still generating after the client left: {slots}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = sidecar.wait_stats(Duration::from_secs(5), |s| s["requests"]["client_disconnects"] == 1).await;
+    assert_eq!(stats["requests"]["client_disconnects"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn streaming_chunks_arrive_before_the_end() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    use http_body_util::BodyExt;
+
+    let body = json!({"prompt": tokens(16, 20), "n_predict": 300, "stream": true, "temperature": 0.0, "ignore_eos": true}).to_string();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let request = http::Request::post(format!("{}/completion", sidecar.url))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let started = Instant::now();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.headers()["x-kvsidecar-cache-source"], "none");
+    let mut body = response.into_body();
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            frames.push((started.elapsed(), data.len()));
+        }
+    }
+    let total = started.elapsed();
+    assert!(frames.len() > 10, "the stream arrived in {} frames", frames.len());
+    assert!(frames[0].0 < total / 2, "first frame at {:?} of {total:?}", frames[0].0);
+}

@@ -1,0 +1,363 @@
+//! Test harness of the end-to-end tests: starts real `llama-server` and `kvsidecar` processes on
+//! loopback ports, and talks HTTP to them.
+//!
+//! The engine binary and the models come from `scripts/setup.sh`, found through the variables it
+//! prints (`KVSIDECAR_LLAMA_SERVER`, `KVSIDECAR_TINY_MODEL`, ...) or in its default cache folder.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// Locations of the engine, the models and the Python environment.
+pub struct Paths {
+    pub llama_server: PathBuf,
+    pub tiny_model: PathBuf,
+    pub demo_model: PathBuf,
+    pub python: PathBuf,
+}
+
+/// Returns the paths set up by `scripts/setup.sh`, failing with a hint when they are missing.
+pub fn paths() -> Paths {
+    let cache = std::env::var_os("KVSIDECAR_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kvsidecar"));
+    let pick = |variable: &str, default: PathBuf| std::env::var_os(variable).map(PathBuf::from).unwrap_or(default);
+    let paths = Paths {
+        llama_server: pick("KVSIDECAR_LLAMA_SERVER", cache.join("engine/bin/llama-server")),
+        tiny_model: pick("KVSIDECAR_TINY_MODEL", cache.join("models/tiny.gguf")),
+        demo_model: pick("KVSIDECAR_DEMO_MODEL", cache.join("models/demo.gguf")),
+        python: pick("KVSIDECAR_PYTHON", cache.join("venv/bin/python")),
+    };
+    for path in [&paths.llama_server, &paths.tiny_model] {
+        assert!(path.exists(), "{} not found; run scripts/setup.sh first", path.display());
+    }
+    paths
+}
+
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Returns the `kvsidecar` binary built beside the test executable.
+pub fn sidecar_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target folder");
+    let binary = dir.join("kvsidecar");
+    assert!(binary.exists(), "{} not found; build the workspace first (cargo build --workspace)", binary.display());
+    binary
+}
+
+/// Returns `count` deterministic token ids for `seed`, drawn from ordinary text pieces of the
+/// generated vocabulary (ids 261 and up, past the control and byte tokens).
+pub fn tokens(seed: u64, count: usize) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..count)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            261 + ((state >> 33) % 300) as u32
+        })
+        .collect()
+}
+
+/// A child process that is killed when dropped.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(command: &mut Command, log: PathBuf) -> Result<Process> {
+        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {:?}", command.get_program()))?;
+        Ok(Process { child, log })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        None
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How to start a `llama-server`.
+#[derive(Clone)]
+pub struct EngineSpec {
+    pub model: PathBuf,
+    pub slots: u32,
+    /// Total context in tokens, split across slots.
+    pub context: u32,
+    pub slot_dir: PathBuf,
+    pub extra: Vec<String>,
+}
+
+/// A running `llama-server` on a loopback port.
+pub struct Engine {
+    process: Process,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Engine {
+    /// Starts the engine and waits until `/health` answers 200.
+    pub async fn start(spec: &EngineSpec, logs: &Path) -> Result<Engine> {
+        let paths = paths();
+        let port = free_port();
+        std::fs::create_dir_all(&spec.slot_dir)?;
+        let mut command = Command::new(&paths.llama_server);
+        command
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("-m")
+            .arg(&spec.model)
+            .args(["-c", &spec.context.to_string(), "-np", &spec.slots.to_string(), "-t", "2", "--cache-ram", "0"])
+            .arg("--slot-save-path")
+            .arg(&spec.slot_dir)
+            .args(&spec.extra);
+        let log = logs.join(format!("llama-server-{port}.log"));
+        let process = Process::spawn(&mut command, log)?;
+        let mut engine = Engine { process, port, url: format!("http://127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(reply) = get(&format!("{}/health", engine.url)).await {
+                if reply.status == 200 {
+                    return Ok(engine);
+                }
+            }
+            if !engine.process.running() || Instant::now() > deadline {
+                bail!("llama-server did not become healthy; log:\n{}", engine.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.process.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+/// How to start a sidecar.
+#[derive(Clone)]
+pub struct SidecarSpec {
+    pub engine_url: String,
+    pub data_dir: PathBuf,
+    pub slot_dir: PathBuf,
+    /// Extra `KVSIDECAR_*` variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `kvsidecar serve` on loopback ports.
+pub struct Sidecar {
+    process: Process,
+    pub url: String,
+    pub admin_url: String,
+}
+
+impl Sidecar {
+    /// Starts the sidecar and waits until `/readyz` answers 200.
+    pub async fn start(spec: &SidecarSpec, logs: &Path) -> Result<Sidecar> {
+        let sidecar = Self::spawn(spec, logs)?;
+        sidecar.wait_ready(Duration::from_secs(60)).await?;
+        Ok(sidecar)
+    }
+
+    /// Starts the sidecar without waiting for it to be ready.
+    pub fn spawn(spec: &SidecarSpec, logs: &Path) -> Result<Sidecar> {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut command = Command::new(sidecar_binary());
+        command
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--engine", &spec.engine_url])
+            .arg("--data-dir")
+            .arg(&spec.data_dir)
+            .arg("--slot-dir")
+            .arg(&spec.slot_dir)
+            .env("KVSIDECAR_LOG_LEVEL", "kvsidecar=debug,info")
+            .env("KVSIDECAR_ENGINE_PROBE_INTERVAL", "200ms")
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let log = logs.join(format!("kvsidecar-{port}.log"));
+        let process = Process::spawn(&mut command, log)?;
+        Ok(Sidecar { process, url: format!("http://127.0.0.1:{port}"), admin_url: format!("http://127.0.0.1:{admin_port}") })
+    }
+
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(reply) = get(&format!("{}/readyz", self.url)).await {
+                if reply.status == 200 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("kvsidecar did not become ready; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.process.log).unwrap_or_default()
+    }
+
+    /// Returns `/admin/stats`.
+    pub async fn stats(&self) -> Value {
+        get(&format!("{}/admin/stats", self.admin_url)).await.expect("admin stats").json()
+    }
+
+    /// Waits until `/admin/stats` satisfies `done`, returning the last stats seen.
+    pub async fn wait_stats(&self, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let stats = self.stats().await;
+            if done(&stats) || Instant::now() > deadline {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the sidecar with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Stops the sidecar with SIGTERM and returns its exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.terminate(Duration::from_secs(15))
+    }
+}
+
+/// An HTTP answer with its body read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| panic!("body is not JSON ({error}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// Returns `x-kvsidecar-cached-tokens` as a number.
+    pub fn cached_tokens(&self) -> u32 {
+        self.header("x-kvsidecar-cached-tokens").and_then(|value| value.parse().ok()).expect("x-kvsidecar-cached-tokens header")
+    }
+
+    pub fn cache_source(&self) -> &str {
+        self.header("x-kvsidecar-cache-source").expect("x-kvsidecar-cache-source header")
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request and reads the whole answer.
+pub async fn send(method: http::Method, url: &str, body: Bytes, headers: &[(&str, &str)]) -> Result<Reply> {
+    let mut builder = http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = client().request(builder.body(Full::new(body))?).await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(Reply { status, headers, body })
+}
+
+pub async fn get(url: &str) -> Result<Reply> {
+    send(http::Method::GET, url, Bytes::new(), &[]).await
+}
+
+pub async fn post_json(url: &str, body: &Value) -> Result<Reply> {
+    send(http::Method::POST, url, Bytes::from(body.to_string()), &[("content-type", "application/json")]).await
+}
+
+/// A temporary folder for one test's data, slot files and logs. Logs are printed when a test
+/// fails, so keep the value alive for the whole test.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Workspace { dir: tempfile::Builder::new().prefix("kvsidecar-e2e-").tempdir().expect("temporary folder") }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("create folder");
+        path
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.path("logs")
+    }
+
+    /// Returns an engine spec for the tiny model with `slots` slots, sharing `slots/` with the sidecar.
+    pub fn tiny_engine(&self, slots: u32) -> EngineSpec {
+        EngineSpec { model: paths().tiny_model, slots, context: 4096 * slots, slot_dir: self.path("slots"), extra: Vec::new() }
+    }
+
+    pub fn sidecar(&self, engine: &Engine) -> SidecarSpec {
+        SidecarSpec {
+            engine_url: engine.url.clone(),
+            data_dir: self.path("data"),
+            slot_dir: self.path("slots"),
+            env: vec![("KVSIDECAR_SNAPSHOT_MIN_TOKENS".into(), "128".into())],
+        }
+    }
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
