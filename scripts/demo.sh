@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on one node: starts llama-server with the demo model and kvsidecar in front of it,
-# replays the start of the conversation trace through the sidecar, then replays it again against
-# a fresh llama-server without the sidecar, and prints both runs side by side.
+# The main job on one node. It starts llama-server with the demo model and kvsidecar in front of
+# it, and replays the start of the conversation trace through the sidecar. Then it replays the
+# same requests against a fresh llama-server without the sidecar and prints both runs side by side.
 #
 #   KVSIDECAR_TRACE     trace file (default ../shared/data/traces/conversation_trace.jsonl)
 #   REPLAY_ARGS         extra arguments of `replay run` (default: see below)

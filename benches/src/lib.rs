@@ -1,3 +1,4 @@
-//! Shared code of kvsidecar's benchmarks: trace loading and prompt synthesis.
+//! Shared code of kvsidecar's benchmarks: trace loading, prompt synthesis and a timing client.
 
+pub mod client;
 pub mod trace;

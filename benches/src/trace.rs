@@ -13,7 +13,7 @@ use serde::Deserialize;
 /// Tokens per block in the original trace.
 pub const TRACE_BLOCK_TOKENS: u32 = 512;
 
-/// How a trace is scaled to what the machine serves.
+/// Scaling of a trace to what the machine serves.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Scale {
     /// Skip this many requests at the start of the trace.
@@ -25,7 +25,7 @@ pub struct Scale {
     /// Tokens each trace block becomes.
     #[arg(long, default_value_t = 64)]
     pub block_tokens: u32,
-    /// Longest prompt sent, in tokens; longer prompts keep their leading blocks.
+    /// Maximum prompt length sent, in tokens. Longer prompts keep their leading blocks.
     #[arg(long, default_value_t = 3000)]
     pub max_prompt_tokens: u32,
     /// Most output tokens requested.

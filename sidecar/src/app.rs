@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::slots::Slots;
 use crate::store::Store;
 
-/// Where the KV for a request's prompt came from.
+/// Source of the KV reused for a request's prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CacheSource {
@@ -97,7 +97,7 @@ impl Counters {
     }
 }
 
-/// Why the engine is not ready.
+/// Reason the engine is not ready.
 pub struct NotReady {
     pub reason: String,
     pub unreachable: bool,
@@ -109,7 +109,7 @@ pub struct App {
     pub engine: Arc<dyn Engine>,
     pub store: Arc<Store>,
     ready: ArcSwapOption<Ready>,
-    /// Why the engine is not ready, for `/readyz` and error answers.
+    /// Reason the engine is not ready, for `/readyz` and error responses.
     not_ready: ArcSwapOption<NotReady>,
     pub counters: Counters,
     /// Bounds the snapshots being saved and ingested at once.
@@ -157,7 +157,7 @@ impl App {
         self.not_ready.store(None);
     }
 
-    /// Marks the engine not ready; `unreachable` tells a stopped engine from one still starting.
+    /// Marks the engine not ready. `unreachable` separates a stopped engine from one still starting.
     pub fn set_not_ready(&self, reason: String, unreachable: bool) {
         self.ready.store(None);
         self.not_ready.store(Some(Arc::new(NotReady { reason, unreachable })));

@@ -57,7 +57,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         };
 
         if !app.engine.healthy().await {
-            tracing::warn!(engine.url = %app.config.engine.url, engine.generation = ready.generation, "engine stopped answering its health check; slots are forgotten until it is probed again");
+            tracing::warn!(engine.url = %app.config.engine.url, engine.generation = ready.generation, "engine health check failed; slot contents are forgotten until the engine is probed again");
             app.set_not_ready("engine health check failed".into(), true);
             last_task_id = None;
             continue;

@@ -19,7 +19,7 @@ use crate::proxy::ResponseBody;
 use crate::store::Store;
 use crate::{admin, monitor, proxy};
 
-/// Why `serve` could not start.
+/// Failure to start `serve`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("failed to listen on {addr} ({what}): {source}\nhint: choose a free address with {flag}")]

@@ -9,11 +9,11 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::prefix::common_prefix;
 
-/// What one slot holds, as far as the sidecar knows.
+/// Contents of one slot, as far as the sidecar has seen them.
 #[derive(Debug, Default, Clone)]
 pub struct SlotContents {
-    /// Tokens known to be in the slot's KV cache, in order. The engine may hold more (the
-    /// generated tokens of the last response); it never holds a different prefix.
+    /// Tokens known to be in the slot's KV cache, in order. The engine may keep more tokens (the
+    /// generated tokens of the last response) but never a different prefix.
     pub tokens: Arc<Vec<u32>>,
 }
 
@@ -70,7 +70,7 @@ impl Slots {
         self.slots.get(slot as usize).map(|s| lock(&s.contents).tokens.clone()).unwrap_or_default()
     }
 
-    /// Records what `slot` holds now.
+    /// Records the tokens `slot` contains now.
     pub fn set_tokens(&self, slot: u32, tokens: Vec<u32>) {
         if let Some(s) = self.slots.get(slot as usize) {
             lock(&s.contents).tokens = Arc::new(tokens);

@@ -1,4 +1,4 @@
-//! Invalid requests get a 4xx answer in OpenAI's error shape that names the field, and the
+//! Invalid requests get a 4xx response in OpenAI's error shape that names the field, and the
 //! sidecar keeps serving afterwards.
 
 use bytes::Bytes;

@@ -64,6 +64,28 @@ async fn restore_after_engine_and_sidecar_restart() {
 }
 
 #[tokio::test]
+async fn engine_restart_behind_running_sidecar() {
+    let ws = Workspace::new();
+    let mut engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let prompt = tokens(30, 600);
+    let first = complete(&sidecar, &prompt).await;
+    wait_saved(&sidecar, 1).await;
+    let generation = sidecar.stats().await["engine"]["generation"].as_u64().unwrap();
+
+    let port = engine.port;
+    engine.kill();
+    let _engine = Engine::start_on(&ws.tiny_engine(1), &ws.logs(), port).await.unwrap();
+    let stats = sidecar.wait_stats(Duration::from_secs(30), |s| s["engine"]["generation"].as_u64() > Some(generation)).await;
+    assert!(stats["engine"]["generation"].as_u64() > Some(generation), "sidecar did not notice the restart: {stats}");
+    sidecar.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let again = complete(&sidecar, &prompt).await;
+
+    assert_eq!(again.cache_source(), "local", "the emptied slot is refilled from the store");
+    assert_eq!(content(&again), content(&first));
+}
+
+#[tokio::test]
 async fn shared_prefix_restores_block_aligned_part() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
@@ -199,6 +221,6 @@ async fn capacity_evicts_oldest_snapshots() {
     assert!(disk <= capacity, "snapshot folder holds {disk} bytes, capacity is {capacity}");
 
     let listed = kvsidecar_tests::get(&format!("{}/admin/snapshots", sidecar.admin_url)).await.unwrap().json();
-    let kept: Vec<u64> = listed["snapshots"].as_array().unwrap().iter().map(|s| s["tokens"].as_u64().unwrap()).collect();
-    assert_eq!(kept.len(), 2);
+    let remaining: Vec<u64> = listed["snapshots"].as_array().unwrap().iter().map(|s| s["tokens"].as_u64().unwrap()).collect();
+    assert_eq!(remaining.len(), 2);
 }

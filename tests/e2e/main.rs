@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod cache;
+mod cli;
 mod openai_sdk;
 mod resilience;

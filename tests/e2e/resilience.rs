@@ -83,7 +83,8 @@ async fn corrupt_stored_snapshot_is_a_miss() {
     assert_eq!(reply.header("x-kvsidecar-cache-source"), Some("none"));
     assert_eq!(reply.json()["content"], expected, "the recomputed answer is unchanged");
     let log = sidecar.log();
-    assert!(log.contains("failed verification") && log.contains(&id.to_hex()), "warning with the snapshot id:\n{log}");
+    assert!(log.contains("failed verification"), "verification warning missing:\n{log}");
+    assert!(log.contains(&id.to_hex()), "warning without the snapshot id:\n{log}");
     let stats = sidecar.stats().await;
     assert_eq!(stats["store"]["corrupt_deleted"], 1, "{stats}");
     assert_eq!(stats["requests"]["restores"], 0, "{stats}");

@@ -49,13 +49,14 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
-/// Returns the `kvsidecar` binary built beside the test executable.
+/// Returns the `kvsidecar` binary of the same build profile as the running executable: beside it
+/// (a benchmark binary in `target/release`) or one folder up (a test in `target/debug/deps`).
 pub fn sidecar_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target folder");
-    let binary = dir.join("kvsidecar");
-    assert!(binary.exists(), "{} not found; build the workspace first (cargo build --workspace)", binary.display());
-    binary
+    let exe = std::env::current_exe().expect("executable path");
+    let beside = exe.parent().expect("executable folder");
+    let candidates = [beside.join("kvsidecar"), beside.parent().unwrap_or(beside).join("kvsidecar")];
+    let found = candidates.iter().find(|candidate| candidate.is_file());
+    found.cloned().unwrap_or_else(|| panic!("{} not found; build the workspace first (cargo build --workspace)", candidates[1].display()))
 }
 
 /// Returns `count` deterministic token ids for `seed`, drawn from ordinary text pieces of the
@@ -136,10 +137,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine and waits until `/health` answers 200.
+    /// Starts the engine on a free port and waits until `/health` returns 200.
     pub async fn start(spec: &EngineSpec, logs: &Path) -> Result<Engine> {
+        Self::start_on(spec, logs, free_port()).await
+    }
+
+    /// Starts the engine on `port`, as a restarted engine would come back.
+    pub async fn start_on(spec: &EngineSpec, logs: &Path, port: u16) -> Result<Engine> {
         let paths = paths();
-        let port = free_port();
         std::fs::create_dir_all(&spec.slot_dir)?;
         let mut command = Command::new(&paths.llama_server);
         command
@@ -150,15 +155,13 @@ impl Engine {
             .arg("--slot-save-path")
             .arg(&spec.slot_dir)
             .args(&spec.extra);
-        let log = logs.join(format!("llama-server-{port}.log"));
+        let log = logs.join(format!("llama-server-{port}-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()));
         let process = Process::spawn(&mut command, log)?;
         let mut engine = Engine { process, port, url: format!("http://127.0.0.1:{port}") };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok(reply) = get(&format!("{}/health", engine.url)).await {
-                if reply.status == 200 {
-                    return Ok(engine);
-                }
+            if get(&format!("{}/health", engine.url)).await.is_ok_and(|reply| reply.status == 200) {
+                return Ok(engine);
             }
             if !engine.process.running() || Instant::now() > deadline {
                 bail!("llama-server did not become healthy; log:\n{}", engine.log());
@@ -194,7 +197,7 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Starts the sidecar and waits until `/readyz` answers 200.
+    /// Starts the sidecar and waits until `/readyz` returns 200.
     pub async fn start(spec: &SidecarSpec, logs: &Path) -> Result<Sidecar> {
         let sidecar = Self::spawn(spec, logs)?;
         sidecar.wait_ready(Duration::from_secs(60)).await?;
@@ -224,10 +227,8 @@ impl Sidecar {
     pub async fn wait_ready(&self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(reply) = get(&format!("{}/readyz", self.url)).await {
-                if reply.status == 200 {
-                    return Ok(());
-                }
+            if get(&format!("{}/readyz", self.url)).await.is_ok_and(|reply| reply.status == 200) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("kvsidecar did not become ready; log:\n{}", self.log());
@@ -268,7 +269,7 @@ impl Sidecar {
     }
 }
 
-/// An HTTP answer with its body read whole.
+/// An HTTP response with its body read whole.
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,

@@ -11,14 +11,10 @@
 //! ```
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use bytes::Bytes;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use kvsidecar_benches::client::post_streaming;
 use kvsidecar_benches::trace::{self, Scale};
 use serde::{Deserialize, Serialize};
 
@@ -52,7 +48,7 @@ enum Command {
     Compare { first: PathBuf, second: PathBuf },
 }
 
-/// What one replayed request cost.
+/// Cost of one replayed request.
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {
     index: usize,
@@ -102,7 +98,6 @@ async fn main() -> Result<()> {
 
 /// Sends one streaming completion and measures the time to its first content event.
 async fn send(target: &str, index: usize, prompt: &[u32], output_tokens: u32) -> Result<Record> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let body = serde_json::json!({
         "prompt": prompt,
         "max_tokens": output_tokens,
@@ -110,35 +105,14 @@ async fn send(target: &str, index: usize, prompt: &[u32], output_tokens: u32) ->
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let request = http::Request::post(format!("{target}/v1/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))?;
+    let streamed = post_streaming(&format!("{target}/v1/completions"), &body).await.with_context(|| format!("request {index}"))?;
+    let source = streamed.header("x-kvsidecar-cache-source").unwrap_or("-").to_string();
+    let header_cached = streamed.header("x-kvsidecar-cached-tokens").and_then(|v| v.parse().ok());
 
-    let started = Instant::now();
-    let response = client.request(request).await.context("send completion")?;
-    if !response.status().is_success() {
-        let status = response.status();
-        let text = response.into_body().collect().await?.to_bytes();
-        bail!("request {index} failed with {status}: {}", String::from_utf8_lossy(&text));
-    }
-    let source = response.headers().get("x-kvsidecar-cache-source").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
-    let header_cached = response.headers().get("x-kvsidecar-cached-tokens").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-
-    let mut body = response.into_body();
-    let mut first_token: Option<Duration> = None;
-    let mut text = String::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            first_token.get_or_insert_with(|| started.elapsed());
-            text.push_str(&String::from_utf8_lossy(&data));
-        }
-    }
-    let total = started.elapsed();
-
-    // The last usage event carries the engine's own counts.
+    // The last events carry the engine's own counts.
     let mut prompt_tokens = prompt.len() as u64;
     let mut cached_tokens = header_cached.unwrap_or(0);
-    for line in text.lines().filter_map(|line| line.strip_prefix("data: ")) {
+    for line in streamed.text.lines().filter_map(|line| line.strip_prefix("data: ")) {
         if let Ok(event) = serde_json::from_str::<serde_json::Value>(line) {
             if let Some(n) = event.pointer("/usage/prompt_tokens").and_then(|v| v.as_u64()) {
                 prompt_tokens = n;
@@ -153,8 +127,8 @@ async fn send(target: &str, index: usize, prompt: &[u32], output_tokens: u32) ->
         prompt_tokens,
         cached_tokens,
         source,
-        ttft_ms: first_token.unwrap_or(total).as_secs_f64() * 1000.0,
-        total_ms: total.as_secs_f64() * 1000.0,
+        ttft_ms: streamed.first_frame.as_secs_f64() * 1000.0,
+        total_ms: streamed.total.as_secs_f64() * 1000.0,
     })
 }
 

@@ -36,7 +36,7 @@ pub struct ConfigIssue {
     pub path: String,
     /// The value as given, or empty for an unknown or missing key.
     pub value: String,
-    /// Where the value came from: the file, an environment variable or a flag.
+    /// Source of the value: the file, an environment variable or a flag.
     pub origin: String,
     /// The rule the value breaks.
     pub rule: String,
@@ -48,7 +48,7 @@ impl fmt::Display for ConfigIssue {
     }
 }
 
-/// Why the configuration could not be loaded.
+/// Failure to load the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("failed to read config file {path}: {source}")]

@@ -39,9 +39,10 @@ pub struct FingerprintInputs {
     pub cache_type_v: KvCacheType,
     pub flash_attention: FlashAttention,
     pub unified_kv: bool,
-    /// KV layout measured from a slot file the engine wrote at probe time: stream count, layer
-    /// count, K and V types and row sizes per layer (which give the KV head count times head
-    /// width), and whether V is stored transposed. None when the slot API is unavailable.
+    /// KV layout measured from a slot file the engine wrote at probe time. It has the stream
+    /// count, the layer count, K and V types and row sizes per layer, and whether V is stored
+    /// transposed. A row size is the KV head count times the head width times the type size.
+    /// None when the slot API is unavailable.
     pub layout: Option<KvLayout>,
 }
 

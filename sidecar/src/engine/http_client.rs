@@ -65,7 +65,7 @@ impl EngineClient {
         }
     }
 
-    /// Calls a JSON control endpoint and returns its decoded body; non-2xx answers are errors.
+    /// Calls a JSON control endpoint and returns its decoded body. A non-2xx status is an error.
     pub async fn json(&self, method: Method, path: &str, body: Option<&Value>, limit: Duration) -> Result<Value, EngineError> {
         let payload = match body {
             Some(value) => Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
@@ -117,7 +117,8 @@ where
     }
 }
 
-/// Formats an error with its sources, so "client error (Connect)" also says "connection refused".
+/// Formats an error with its chain of sources, so that "client error (Connect)" is followed by
+/// its cause, such as "connection refused".
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

@@ -174,7 +174,7 @@ impl Engine for LlamaCpp {
             }
             Endpoint::Completions | Endpoint::NativeCompletion => body.get("prompt").cloned().unwrap_or(Value::Null),
         };
-        // A prompt of token ids is evaluated as given; strings and mixed arrays go through the
+        // A prompt of token ids is evaluated as given. Strings and mixed arrays go through the
         // engine's tokenizer with the same flags its completion handler uses.
         if let Some(ids) = prompt.as_array().and_then(|items| items.iter().map(|item| item.as_u64().and_then(|id| u32::try_from(id).ok())).collect::<Option<Vec<u32>>>()) {
             return Ok(ids);

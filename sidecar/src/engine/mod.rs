@@ -19,7 +19,7 @@ pub use http_client::{EngineClient, UpstreamBody};
 
 use crate::request::Endpoint;
 
-/// Why a call to the engine failed.
+/// Failure of a call to the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("engine at {url} is unreachable: {reason}")]
@@ -36,7 +36,7 @@ pub enum EngineError {
     SlotFile { path: String, reason: String },
 }
 
-/// What the sidecar learned about the engine when it probed it.
+/// Facts about the engine, read when the sidecar probed it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EngineInfo {
     /// Model id as the engine reports it in `/v1/models`.
@@ -49,9 +49,9 @@ pub struct EngineInfo {
     pub n_vocab: u32,
     pub fingerprint: Fingerprint,
     pub fingerprint_inputs: FingerprintInputs,
-    /// Why snapshots cannot be saved or restored on this engine, if they cannot.
+    /// Reason snapshots cannot be saved or restored on this engine, if there is one.
     pub snapshots_disabled: Option<String>,
-    /// What slot 0 held when the engine was probed.
+    /// Tokens in slot 0 when the engine was probed.
     pub slot0_tokens: Vec<u32>,
 }
 
@@ -82,7 +82,7 @@ pub trait Engine: Send + Sync + 'static {
     /// Returns the engine's identity, slots and model fingerprint; fails while it is not ready.
     async fn probe(&self) -> Result<EngineInfo, EngineError>;
 
-    /// Returns whether the engine answers its health check.
+    /// Returns whether the engine passes its health check.
     async fn healthy(&self) -> bool;
 
     /// Returns the activity counters the restart detector compares between probes.

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 
 use crate::engine::http_client::BoxError;
 
-/// How a streamed response ended.
+/// Outcome of a streamed response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
     /// Every frame reached the client.
@@ -34,9 +34,9 @@ impl TrackedBody {
         TrackedBody { inner, on_end: Some(Box::new(on_end)) }
     }
 
-    fn end(&mut self, how: StreamEnd) {
+    fn end(&mut self, outcome: StreamEnd) {
         if let Some(on_end) = self.on_end.take() {
-            on_end(how);
+            on_end(outcome);
         }
     }
 }

@@ -1,6 +1,6 @@
-//! The cache path of a completion request, in the order it runs: parse, identify the prefix,
-//! pick a slot, restore a stored snapshot when it beats the slot, forward, stream back, and
-//! schedule a snapshot of the slot after the response.
+//! The cache path of a completion request. The steps run in this order: parse, identify the
+//! prefix, pick a slot, restore a stored snapshot when it beats the slot, forward, stream back,
+//! and schedule a snapshot of the slot after the response.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,7 +44,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoin
     }
 }
 
-/// What the cache path decided for one request.
+/// The cache path's decision for one request.
 struct Plan {
     tokens: Vec<u32>,
     namespace: Namespace,
@@ -93,7 +93,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     let stored = stored_match.map(|found| found.blocks as usize * block).unwrap_or(0);
 
     // Route: the slot with the longest common prefix, or a slot to restore into when the store
-    // holds a clearly longer prefix.
+    // contains a prefix longer by at least snapshot.restore_min_gain tokens.
     let min_gain = app.config.snapshot.restore_min_gain as usize;
     let slot = match parsed.requested_slot {
         Some(slot) => slot,
@@ -154,7 +154,7 @@ async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: Co
         return Ok(Response::from_parts(head, tracked.boxed()));
     }
 
-    // A non-streaming answer is one JSON document that the engine sends only when complete, so
+    // A non-streaming response is one JSON document that the engine sends only when complete, so
     // reading it whole adds no delay and gives the engine's own count of reused tokens.
     let bytes = match read_limited(body, MAX_RESPONSE_BODY).await {
         Ok(bytes) => bytes,
@@ -190,8 +190,8 @@ fn record(app: &App, source: CacheSource, prompt_tokens: usize, cached: u32) {
     Counters::add(&app.counters.cached_tokens, u64::from(cached));
 }
 
-/// Runs after the response: records what the slot holds and, for a long prompt not yet stored,
-/// saves the slot as a snapshot off the response path.
+/// Runs after the response: records the slot's new contents and, for a long prompt not yet
+/// stored, saves the slot as a snapshot off the response path.
 fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, completed: bool) {
     if !completed {
         // The engine may have stopped anywhere in the prompt, so its slot contents are unknown.
@@ -260,7 +260,7 @@ fn check_model(app: &App, ready: &Ready, requested: Option<&str>) -> Result<(), 
     Err(ApiError::unknown_model(requested, &names))
 }
 
-/// Longest tenant id accepted in the tenant header.
+/// Maximum length of a tenant id in the tenant header, in bytes.
 const MAX_TENANT_LEN: usize = 256;
 
 fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {

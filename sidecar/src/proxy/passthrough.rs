@@ -9,7 +9,7 @@ use super::{ResponseBody, strip_hop_by_hop};
 use crate::app::App;
 use crate::error::ApiError;
 
-/// Forwards `request` to the engine and streams its answer back.
+/// Forwards `request` to the engine and streams its response back.
 pub async fn forward(app: &App, request: Request<Incoming>) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
     let path_and_query = parts.uri.path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| "/".into());

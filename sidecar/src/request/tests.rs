@@ -87,3 +87,28 @@ fn any_slot_marker_accepted() {
     assert_eq!(parse_completion(r#"{"prompt":"x","id_slot":1}"#).unwrap().requested_slot, Some(1));
     assert_eq!(parse_completion(r#"{"prompt":"x","id_slot":-2}"#).unwrap_err().param.as_deref(), Some("id_slot"));
 }
+
+#[test]
+fn odd_bodies_never_panic() {
+    let bodies: [&[u8]; 12] = [
+        b"",
+        b"null",
+        b"\"text\"",
+        b"{\"messages\": [null]}",
+        b"{\"messages\": [{\"role\": \"user\", \"content\": 5}]}",
+        b"{\"prompt\": [1.5]}",
+        b"{\"prompt\": [true]}",
+        b"{\"prompt\": 18446744073709551616}",
+        b"{\"prompt\": [18446744073709551615]}",
+        b"{\"prompt\": \"x\", \"id_slot\": 1e40}",
+        b"\xef\xbb\xbf{}",
+        b"{\"prompt\": \"\\ud800\"}",
+    ];
+    for body in bodies {
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::NativeCompletion] {
+            if let Err(error) = parse(endpoint, body) {
+                assert!(error.status.is_client_error(), "{}", String::from_utf8_lossy(body));
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@ use ringbuf::traits::{Consumer, Producer, Split};
 
 use crate::prefix::Digest;
 
-/// Number of access records the ring holds before new ones are dropped.
+/// Capacity of the ring in access records; records pushed while it is full are dropped.
 const CAPACITY: usize = 4096;
 
 /// One snapshot access: a restore that used it.
@@ -21,7 +21,7 @@ pub struct Access {
 type Producer_ = ringbuf::HeapProd<Access>;
 type Consumer_ = ringbuf::HeapCons<Access>;
 
-/// The request-path side: pushing never waits on I/O.
+/// The access ring. `push` takes a short lock and never waits on I/O.
 pub struct AccessLog {
     producer: Mutex<Producer_>,
     consumer: Mutex<Consumer_>,

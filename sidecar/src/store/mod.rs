@@ -73,7 +73,7 @@ pub struct PrefixMatch {
     pub blocks: u32,
 }
 
-/// Why a snapshot did not reach the caller.
+/// Failure of a snapshot store operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("failed to open the snapshot store at {path}: {reason}")]

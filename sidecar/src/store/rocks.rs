@@ -203,7 +203,7 @@ impl Store {
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
-        // The state holds plain counters that stay consistent even if a holder panicked.
+        // The state contains plain counters that stay consistent even if a lock holder panicked.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -263,7 +263,7 @@ impl Store {
                 all.push(meta);
             }
         }
-        all.sort_by(|a, b| b.last_access_ms.cmp(&a.last_access_ms));
+        all.sort_by_key(|meta| std::cmp::Reverse(meta.last_access_ms));
         Ok(all)
     }
 

@@ -90,3 +90,22 @@ fn huge_counts_rejected_without_allocation() {
     }
     assert!(matches!(parse(file.as_slice()), Err(SlotFileError::Truncated { .. })));
 }
+
+#[test]
+fn damaged_files_never_panic() {
+    let file = build(&[3, 1, 4, 1, 5], 2, 8);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..5000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let mut damaged = file.clone();
+        let position = (state as usize) % damaged.len();
+        damaged[position] = (state >> 32) as u8;
+        let cut = ((state >> 40) as usize) % (damaged.len() + 1);
+        // Any outcome is fine except a panic or an accepted file that does not add up.
+        if let Ok(summary) = parse(&damaged[..cut]) {
+            assert_eq!(summary.len, cut as u64);
+        }
+    }
+}

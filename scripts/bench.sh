@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs kvsidecar's benchmarks; their results are recorded in docs/benchmarks.md.
+#
+#   scripts/bench.sh hashing    prefix hashing of a 128k-token prompt (criterion)
+#   scripts/bench.sh miss       the sidecar's own work on a miss, in process (criterion)
+#   scripts/bench.sh overhead   added latency on a miss, end to end with the tiny model
+#   scripts/bench.sh restore    TTFT cold versus restored, 2k/4k/8k tokens, demo model
+#   scripts/bench.sh            all of them
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+kvsidecar_setup
+
+run() {
+  case "$1" in
+    hashing) cargo bench -p kvsidecar-benches --bench prefix_hashing ;;
+    miss) cargo bench -p kvsidecar-benches --bench miss_path ;;
+    overhead) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin proxy_overhead ;;
+    restore) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin restore_ttft ;;
+    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead or restore" >&2; exit 2 ;;
+  esac
+}
+
+if (($#)); then
+  for name in "$@"; do run "$name"; done
+else
+  for name in hashing miss overhead restore; do run "$name"; done
+fi
