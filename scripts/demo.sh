@@ -13,8 +13,9 @@ kvsidecar_setup
 cargo build --release -p kvsidecar -p kvsidecar-benches
 bin="$CARGO_TARGET_DIR/release"
 trace="${KVSIDECAR_TRACE:-../shared/data/traces/conversation_trace.jsonl}"
-# 40 requests, each 512-token trace block scaled to 64 tokens, prompts up to 3,000 tokens.
-read -r -a replay_args <<<"${REPLAY_ARGS:---requests 40 --block-tokens 64 --max-prompt-tokens 3000 --max-output-tokens 16}"
+# The requests of the trace's first 12 multi-turn conversations (36 requests), each 512-token
+# trace block scaled to 64 tokens, prompts cut to 3,008 tokens, at most 16 output tokens.
+read -r -a replay_args <<<"${REPLAY_ARGS:---sessions 12 --requests 1000 --block-tokens 64 --max-prompt-tokens 3008 --max-output-tokens 16}"
 work="$(mktemp -d -t kvsidecar-demo-XXXXXX)"
 pids=()
 cleanup() {

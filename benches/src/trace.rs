@@ -4,7 +4,13 @@
 //! id names a 512-token block of the original prompt. Here every id becomes `block_tokens`
 //! deterministic token ids, and lengths are scaled by `block_tokens / 512`, so two requests that
 //! share leading ids share exactly that token prefix.
+//!
+//! With `--sessions N` only the first N conversations are kept: a conversation is the requests
+//! whose first two block ids are equal, and it counts when it has at least two requests in the
+//! whole trace. Their requests keep their trace order and interleaving. One node cannot compute
+//! the whole trace in minutes, and one-off requests in between would only add cold prefill.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -22,6 +28,9 @@ pub struct Scale {
     /// Number of requests to replay.
     #[arg(long, default_value_t = 40)]
     pub requests: usize,
+    /// Keep only the requests of the first N multi-request conversations (0 keeps every request).
+    #[arg(long, default_value_t = 0)]
+    pub sessions: usize,
     /// Tokens each trace block becomes.
     #[arg(long, default_value_t = 64)]
     pub block_tokens: u32,
@@ -71,9 +80,17 @@ pub fn block(id: u64, scale: &Scale) -> Vec<u32> {
 /// Reads the requests `offset..offset + requests` of the trace at `path`, scaled.
 pub fn load(path: &Path, scale: &Scale) -> Result<Vec<Request>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read trace {}", path.display()))?;
-    let mut requests = Vec::new();
-    for (number, line) in text.lines().enumerate().skip(scale.offset).take(scale.requests) {
+    let mut lines = Vec::new();
+    for (number, line) in text.lines().enumerate() {
         let line: Line = serde_json::from_str(line).with_context(|| format!("trace line {}", number + 1))?;
+        lines.push(line);
+    }
+    if scale.sessions > 0 {
+        lines = first_sessions(lines, scale.sessions);
+    }
+
+    let mut requests = Vec::new();
+    for line in lines.into_iter().skip(scale.offset).take(scale.requests) {
         let length = (u64::from(line.input_length) * u64::from(scale.block_tokens) / u64::from(TRACE_BLOCK_TOKENS)) as usize;
         let length = length.clamp(1, scale.max_prompt_tokens as usize);
         let mut prompt = Vec::with_capacity(length);
@@ -88,4 +105,23 @@ pub fn load(path: &Path, scale: &Scale) -> Result<Vec<Request>> {
         requests.push(Request { prompt, output_tokens });
     }
     Ok(requests)
+}
+
+/// Keeps the requests of the first `count` conversations that have at least two requests.
+fn first_sessions(lines: Vec<Line>, count: usize) -> Vec<Line> {
+    let key = |line: &Line| (line.hash_ids.len() >= 2).then(|| (line.hash_ids[0], line.hash_ids[1]));
+    let mut sizes: HashMap<(u64, u64), usize> = HashMap::new();
+    for session in lines.iter().filter_map(key) {
+        *sizes.entry(session).or_default() += 1;
+    }
+    let mut chosen = HashSet::new();
+    for session in lines.iter().filter_map(key) {
+        if chosen.len() == count {
+            break;
+        }
+        if sizes[&session] >= 2 {
+            chosen.insert(session);
+        }
+    }
+    lines.into_iter().filter(|line| key(line).is_some_and(|session| chosen.contains(&session))).collect()
 }

@@ -34,6 +34,7 @@ pub enum ServeError {
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     std::fs::create_dir_all(&config.engine.slot_dir)
         .map_err(|source| ServeError::SlotDir { path: config.engine.slot_dir.display().to_string(), source })?;
+    remove_stale_slot_files(&config.engine.slot_dir);
     let store = Arc::new(Store::open(&config.store)?);
     let client_listener = TcpListener::bind(config.server.listen)
         .await
@@ -80,6 +81,22 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     }
     tracing::info!("kvsidecar stopped");
     Ok(())
+}
+
+/// Deletes slot files an earlier sidecar process left behind when it stopped between writing a
+/// file and removing it. Only names that kvsidecar itself writes (`kvsidecar-*.bin`) are touched.
+fn remove_stale_slot_files(slot_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(slot_dir) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("kvsidecar-") && name.ends_with(".bin") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(file = %name, "removed a slot file left by an earlier run"),
+                Err(error) => tracing::warn!(file = %name, error = %error, "failed to remove a stale slot file"),
+            }
+        }
+    }
 }
 
 fn local_addr(listener: &TcpListener) -> String {

@@ -25,6 +25,16 @@ async fn wait_saved(sidecar: &Sidecar, count: u64) -> Value {
     stats
 }
 
+/// Runs `prompt` through a tiny engine and a sidecar on `ws`'s data folder until its snapshot is
+/// stored, stops both, and returns the completion text.
+async fn store_once(ws: &Workspace, prompt: &[u32]) -> String {
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let reply = complete(&sidecar, prompt).await;
+    wait_saved(&sidecar, 1).await;
+    content(&reply)
+}
+
 #[tokio::test]
 async fn same_prompt_twice_reuses_slot() {
     let ws = Workspace::new();
@@ -45,13 +55,7 @@ async fn same_prompt_twice_reuses_slot() {
 async fn restore_after_engine_and_sidecar_restart() {
     let ws = Workspace::new();
     let prompt = tokens(2, 700);
-    let expected = {
-        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
-        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
-        let first = complete(&sidecar, &prompt).await;
-        wait_saved(&sidecar, 1).await;
-        content(&first)
-    };
+    let expected = store_once(&ws, &prompt).await;
 
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
     let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
@@ -132,12 +136,7 @@ async fn two_slots_alternating_conversations_hit() {
 async fn changed_kv_type_never_restores() {
     let ws = Workspace::new();
     let prompt = tokens(8, 600);
-    {
-        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
-        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
-        complete(&sidecar, &prompt).await;
-        wait_saved(&sidecar, 1).await;
-    }
+    store_once(&ws, &prompt).await;
 
     let mut spec = ws.tiny_engine(1);
     spec.extra = vec!["-ctk".into(), "q8_0".into()];
@@ -158,12 +157,7 @@ async fn changed_kv_type_never_restores() {
 async fn undeclared_kv_type_change_detected_by_layout() {
     let ws = Workspace::new();
     let prompt = tokens(9, 600);
-    {
-        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
-        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
-        complete(&sidecar, &prompt).await;
-        wait_saved(&sidecar, 1).await;
-    }
+    store_once(&ws, &prompt).await;
 
     // The operator forgot to declare the new K type: the probed KV layout still differs.
     let mut spec = ws.tiny_engine(1);
@@ -180,12 +174,7 @@ async fn undeclared_kv_type_change_detected_by_layout() {
 async fn other_model_never_restores() {
     let ws = Workspace::new();
     let prompt = tokens(10, 400);
-    {
-        let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
-        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
-        complete(&sidecar, &prompt).await;
-        wait_saved(&sidecar, 1).await;
-    }
+    store_once(&ws, &prompt).await;
 
     let mut spec = ws.tiny_engine(1);
     spec.model = kvsidecar_tests::paths().demo_model;

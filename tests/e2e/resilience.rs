@@ -176,3 +176,25 @@ async fn streaming_chunks_arrive_before_the_end() {
     assert!(frames.len() > 10, "the stream arrived in {} frames", frames.len());
     assert!(frames[0].0 < total / 2, "first frame at {:?} of {total:?}", frames[0].0);
 }
+
+#[tokio::test]
+async fn unshared_slot_folder_disables_snapshots_only() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let mut spec = ws.sidecar(&engine);
+    spec.slot_dir = ws.path("elsewhere");
+    let sidecar = Sidecar::start(&spec, &ws.logs()).await.unwrap();
+
+    let ready = get(&format!("{}/readyz", sidecar.url)).await.unwrap().json();
+    let reason = ready["snapshots_disabled"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("--slot-save-path"), "{ready}");
+    assert!(sidecar.log().contains("snapshots disabled"), "the reason is logged");
+
+    let body = json!({"prompt": tokens(17, 300), "n_predict": 4, "temperature": 0.0});
+    let first = post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+    let second = post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(second.header("x-kvsidecar-cache-source"), Some("slot"), "slot reuse still works");
+    let stats = sidecar.stats().await;
+    assert_eq!(stats["requests"]["snapshots_saved"], 0, "{stats}");
+}
