@@ -43,7 +43,7 @@ fn miss_path(c: &mut Criterion) {
 
     let slots = Slots::new(4);
     for slot in 0..4 {
-        slots.set_tokens(slot, prompt(1000 + slot, 2000));
+        slots.set_tokens(slot, prompt(1000 + slot, 2000), namespace);
     }
     let missing = prompt(9999, 2000);
     let body = serde_json::json!({"prompt": missing, "max_tokens": 16, "stream": true}).to_string();
@@ -54,7 +54,7 @@ fn miss_path(c: &mut Criterion) {
             let tokens: Vec<u32> = parsed.body["prompt"].as_array().expect("ids").iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect();
             let hashes = block_hashes(&namespace, &tokens, 64);
             let found = store.longest_prefix(&hashes).expect("lookup");
-            let choice = slots.best_for(&tokens);
+            let choice = slots.best_for(&tokens, &namespace);
             (found, choice)
         })
     });

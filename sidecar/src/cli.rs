@@ -16,7 +16,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI-compatible API in front of an engine, with prefix KV snapshots.
     Serve(ServeArgs),
-    /// Print the effective configuration (defaults, file, environment and flags) and exit.
+    /// Print the effective configuration (defaults, file, environment and flags) as TOML and exit.
     Config(ServeArgs),
 }
 

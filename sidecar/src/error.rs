@@ -121,18 +121,46 @@ impl ApiError {
         let (status, code) = match error {
             EngineError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "engine_timeout"),
             EngineError::Unreachable { .. } => (StatusCode::BAD_GATEWAY, "engine_unreachable"),
-            EngineError::Status { status, .. } if *status < 500 => {
+            EngineError::Status { status, message, .. } if *status < 500 => {
                 return ApiError {
                     status: StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
                     kind: "invalid_request_error",
                     code: "engine_rejected_request",
                     param: None,
-                    message: error.to_string(),
+                    message: format!("the engine rejected the request: {message}"),
                 };
             }
             _ => (StatusCode::BAD_GATEWAY, "engine_error"),
         };
         ApiError { status, kind: "server_error", code, param: None, message: error.to_string() }
+    }
+
+    /// Reshapes an engine's error response (`status`, JSON `body`) into the OpenAI error shape.
+    /// The engine's 4xx statuses are kept; its 5xx answers become 502.
+    pub fn engine_rejected(status: StatusCode, body: &[u8]) -> ApiError {
+        let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        let detail = parsed
+            .as_ref()
+            .and_then(|value| value.pointer("/error/message").or_else(|| value.get("message")).and_then(serde_json::Value::as_str))
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
+        if status.is_client_error() {
+            ApiError {
+                status,
+                kind: "invalid_request_error",
+                code: "engine_rejected_request",
+                param: None,
+                message: format!("the engine rejected the request: {detail}"),
+            }
+        } else {
+            ApiError {
+                status: StatusCode::BAD_GATEWAY,
+                kind: "server_error",
+                code: "engine_error",
+                param: None,
+                message: format!("the engine failed with HTTP {}: {detail}", status.as_u16()),
+            }
+        }
     }
 
     pub fn into_response(self) -> Response<ResponseBody> {

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         },
         Command::Config(args) => match load(&args) {
             Some(config) => {
-                println!("{config:#?}");
+                print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }
             None => ExitCode::from(2),
@@ -45,7 +45,6 @@ fn serve(config: Config) -> ExitCode {
     match runtime.block_on(kvsidecar::server::serve(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = %error, "kvsidecar failed");
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
@@ -55,7 +54,8 @@ fn serve(config: Config) -> ExitCode {
 fn init_logging(config: &Config) {
     // The level was validated with the same parser when the configuration was loaded.
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),

@@ -27,7 +27,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 Ok(info) => {
                     generation += 1;
                     let slots = Slots::new(info.total_slots);
-                    slots.set_tokens(0, info.slot0_tokens.clone());
+                    slots.set_foreign(0, info.slot0_tokens.clone());
                     tracing::info!(
                         engine.url = %app.config.engine.url,
                         engine.model = %info.model_id,

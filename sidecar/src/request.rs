@@ -112,12 +112,16 @@ fn check_messages(object: &Map<String, Value>) -> Result<(), ApiError> {
         let Value::Object(message) = message else {
             return Err(ApiError::wrong_type(&field, "an object with 'role' and 'content'"));
         };
-        match message.get("role") {
-            Some(Value::String(_)) => {}
+        let role = match message.get("role") {
+            Some(Value::String(role)) => role.as_str(),
             None => return Err(ApiError::missing_field(&format!("{field}.role"), "every message needs a role such as \"user\"")),
             Some(_) => return Err(ApiError::wrong_type(&format!("{field}.role"), "a string")),
-        }
+        };
         match message.get("content") {
+            // Only an assistant message may omit its content, when it carries tool calls instead.
+            None | Some(Value::Null) if role != "assistant" => {
+                return Err(ApiError::missing_field(&format!("{field}.content"), &format!("a {role} message needs content")));
+            }
             None | Some(Value::Null | Value::String(_) | Value::Array(_)) => {}
             Some(_) => return Err(ApiError::wrong_type(&format!("{field}.content"), "a string or an array of content parts")),
         }

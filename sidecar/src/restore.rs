@@ -4,11 +4,13 @@
 use std::sync::Arc;
 
 use crate::app::{App, Counters, Ready};
+use crate::prefix::Namespace;
 use crate::store::{PrefixMatch, StoreError};
 
-/// Restores snapshot `found` into `slot`, which the caller holds. Returns the tokens the slot
-/// now holds, or None when the restore did not happen (a miss: the request is computed cold).
-pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMatch) -> Option<Vec<u32>> {
+/// Restores snapshot `found` of `namespace` into `slot`, which the caller holds. Returns the
+/// tokens the slot now contains, or None when the restore did not happen (a miss: the request is
+/// computed cold).
+pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMatch, namespace: Namespace) -> Option<Vec<u32>> {
     let id = found.id;
     let meta = match app.store.meta(&id) {
         Ok(Some(meta)) => meta,
@@ -65,20 +67,20 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
             tracing::debug!(snapshot.id = %id, slot, tokens = outcome.tokens, restore_ms = outcome.elapsed.as_secs_f64() * 1000.0, "snapshot restored");
             Counters::add(&app.counters.restores, 1);
             app.store.record_access(&id);
-            ready.slots.set_tokens(slot, tokens.clone());
+            ready.slots.set_tokens(slot, tokens.clone(), namespace);
             Some(tokens)
         }
         Ok(outcome) => {
             tracing::warn!(snapshot.id = %id, slot, restored = outcome.tokens, expected = tokens.len(), "engine restored a different token count; treating the slot as unknown");
             Counters::add(&app.counters.restores_failed, 1);
-            ready.slots.set_tokens(slot, Vec::new());
+            ready.slots.set_foreign(slot, Vec::new());
             None
         }
         Err(error) => {
             // A failed restore leaves the engine's slot empty.
             tracing::warn!(snapshot.id = %id, slot, error = %error, "engine rejected the snapshot; computing the prompt instead");
             Counters::add(&app.counters.restores_failed, 1);
-            ready.slots.set_tokens(slot, Vec::new());
+            ready.slots.set_foreign(slot, Vec::new());
             None
         }
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::prefix::common_prefix;
+use crate::prefix::{Namespace, common_prefix};
 
 /// Contents of one slot, as far as the sidecar has seen them.
 #[derive(Debug, Default, Clone)]
@@ -15,6 +15,10 @@ pub struct SlotContents {
     /// Tokens known to be in the slot's KV cache, in order. The engine may keep more tokens (the
     /// generated tokens of the last response) but never a different prefix.
     pub tokens: Arc<Vec<u32>>,
+    /// Namespace (model, tenant, salt) of the request that filled the slot. None when the
+    /// contents came from elsewhere: before the sidecar started, the layout probe, or a request
+    /// that failed midway.
+    pub owner: Option<Namespace>,
 }
 
 struct Slot {
@@ -65,32 +69,48 @@ impl Slots {
         (slot as usize) < self.slots.len()
     }
 
-    /// Returns the tokens `slot` is known to hold.
+    /// Returns the tokens `slot` is known to contain.
     pub fn tokens(&self, slot: u32) -> Arc<Vec<u32>> {
-        self.slots.get(slot as usize).map(|s| lock(&s.contents).tokens.clone()).unwrap_or_default()
+        self.contents(slot).tokens
     }
 
-    /// Records the tokens `slot` contains now.
-    pub fn set_tokens(&self, slot: u32, tokens: Vec<u32>) {
+    pub fn contents(&self, slot: u32) -> SlotContents {
+        self.slots.get(slot as usize).map(|s| lock(&s.contents).clone()).unwrap_or_default()
+    }
+
+    /// Records that `slot` contains `tokens`, computed for a request of `owner`.
+    pub fn set_tokens(&self, slot: u32, tokens: Vec<u32>, owner: Namespace) {
+        self.set(slot, SlotContents { tokens: Arc::new(tokens), owner: Some(owner) });
+    }
+
+    /// Records that the contents of `slot` are unknown or not owned by any namespace, so no
+    /// request reuses them.
+    pub fn set_foreign(&self, slot: u32, tokens: Vec<u32>) {
+        self.set(slot, SlotContents { tokens: Arc::new(tokens), owner: None });
+    }
+
+    fn set(&self, slot: u32, contents: SlotContents) {
         if let Some(s) = self.slots.get(slot as usize) {
-            lock(&s.contents).tokens = Arc::new(tokens);
+            *lock(&s.contents) = contents;
         }
     }
 
-    /// Forgets what every slot holds, as after an engine restart.
-    pub fn clear(&self) {
-        for slot in &self.slots {
-            lock(&slot.contents).tokens = Arc::default();
-        }
+    /// Returns whether a request of `namespace` may reuse what `slot` contains. Reusing another
+    /// namespace's KV would reveal, through timing and the cached-token count, what another
+    /// tenant sent.
+    pub fn reusable_by(&self, slot: u32, namespace: &Namespace) -> bool {
+        self.contents(slot).owner.as_ref() == Some(namespace)
     }
 
-    /// Returns each slot's common prefix with `prompt` and whether the slot is free now.
-    pub fn survey(&self, prompt: &[u32]) -> Vec<(u32, usize, bool)> {
+    /// Returns, for each slot, its common prefix with `prompt` (zero unless `namespace` owns
+    /// the slot) and whether the slot is free now.
+    pub fn survey(&self, prompt: &[u32], namespace: &Namespace) -> Vec<(u32, usize, bool)> {
         self.slots
             .iter()
             .enumerate()
             .map(|(id, slot)| {
-                let common = common_prefix(&lock(&slot.contents).tokens, prompt);
+                let contents = lock(&slot.contents);
+                let common = if contents.owner.as_ref() == Some(namespace) { common_prefix(&contents.tokens, prompt) } else { 0 };
                 (id as u32, common, slot.lock.try_lock().is_ok())
             })
             .collect()
@@ -98,8 +118,8 @@ impl Slots {
 
     /// Chooses the slot for `prompt`: the one holding the longest common prefix, preferring a
     /// free slot on ties and then the least recently used.
-    pub fn best_for(&self, prompt: &[u32]) -> Option<SlotChoice> {
-        let survey = self.survey(prompt);
+    pub fn best_for(&self, prompt: &[u32], namespace: &Namespace) -> Option<SlotChoice> {
+        let survey = self.survey(prompt, namespace);
         survey
             .iter()
             .max_by_key(|(id, common, free)| (*common, *free, std::cmp::Reverse(self.last_used(*id))))
@@ -109,8 +129,8 @@ impl Slots {
     /// Chooses a slot to restore a snapshot into: a free slot whose contents matter least to
     /// `prompt` (the shortest common prefix, then the least recently used), or a busy one if all
     /// are busy.
-    pub fn victim_for_restore(&self, prompt: &[u32]) -> Option<u32> {
-        let survey = self.survey(prompt);
+    pub fn victim_for_restore(&self, prompt: &[u32], namespace: &Namespace) -> Option<u32> {
+        let survey = self.survey(prompt, namespace);
         survey
             .iter()
             .min_by_key(|(id, common, free)| (!*free, *common, self.last_used(*id)))

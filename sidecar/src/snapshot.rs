@@ -32,7 +32,7 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
         Ok(Err(error)) => {
             tracing::warn!(slot, file = %name, error = %error, "slot file saved by the engine is invalid; no snapshot taken");
             Counters::add(&app.counters.snapshots_failed, 1);
-            ready.slots.set_tokens(slot, Vec::new());
+            ready.slots.set_foreign(slot, Vec::new());
             let _ = tokio::fs::remove_file(&path).await;
             return;
         }
@@ -42,7 +42,7 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
             return;
         }
     };
-    ready.slots.set_tokens(slot, summary.tokens.clone());
+    ready.slots.set_tokens(slot, summary.tokens.clone(), namespace);
     drop(lease);
 
     let remove = || async { let _ = tokio::fs::remove_file(&path).await; };

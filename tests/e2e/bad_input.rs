@@ -46,6 +46,14 @@ async fn invalid_requests_named_and_rejected() {
     assert_error(&post_raw(&chat, unknown).await, 404, "model_not_found", Some("model"));
     assert_error(&post_raw(&completions, json!({"prompt": [1, 99999]}).to_string()).await, 400, "invalid_value", Some("prompt"));
 
+    assert_error(&post_raw(&chat, json!({"messages": [{"role": "user"}]}).to_string()).await, 400, "missing_field", Some("messages[0].content"));
+
+    // Errors the engine itself finds keep their status and get the same shape.
+    let rejected = json!({"prompt": "hello", "temperature": "hot"}).to_string();
+    assert_error(&post_raw(&completions, rejected).await, 400, "engine_rejected_request", None);
+    let stats = sidecar.stats().await;
+    assert_eq!(stats["requests"]["client_disconnects"], 0, "{stats}");
+
     // A slot the engine does not have is rejected before anything reaches the engine.
     let wrong_slot = json!({"prompt": tokens(1, 10), "id_slot": 5}).to_string();
     assert_error(&post_raw(&completions, wrong_slot).await, 400, "invalid_value", Some("id_slot"));

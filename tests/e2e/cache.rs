@@ -213,3 +213,39 @@ async fn capacity_evicts_oldest_snapshots() {
     let remaining: Vec<u64> = listed["snapshots"].as_array().unwrap().iter().map(|s| s["tokens"].as_u64().unwrap()).collect();
     assert_eq!(remaining.len(), 2);
 }
+
+#[tokio::test]
+async fn tenants_and_salts_never_share_kv() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let prompt = tokens(40, 500);
+    let url = format!("{}/completion", sidecar.url);
+    let send = |tenant: &'static str, salt: Option<&'static str>| {
+        let mut body = json!({"prompt": prompt, "n_predict": 4, "temperature": 0.0});
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        let url = url.clone();
+        async move {
+            let headers = [("content-type", "application/json"), ("x-kvsidecar-tenant", tenant)];
+            kvsidecar_tests::send(http::Method::POST, &url, bytes::Bytes::from(body.to_string()), &headers).await.unwrap()
+        }
+    };
+
+    let alice = send("alice", None).await;
+    wait_saved(&sidecar, 1).await;
+    let bob = send("bob", None).await;
+    let salted = send("alice", Some("s2")).await;
+    let alice_again = send("alice", None).await;
+
+    assert_eq!(alice.cache_source(), "none");
+    for (name, reply) in [("another tenant", &bob), ("another salt", &salted)] {
+        assert_eq!(reply.cache_source(), "none", "{name}");
+        assert_eq!(reply.cached_tokens(), 0, "{name}");
+        assert_eq!(reply.json()["timings"]["cache_n"], 0, "{name}: the engine recomputed the prompt");
+    }
+    assert_eq!(alice_again.cache_source(), "local", "alice's own snapshot is restored");
+    assert!(alice_again.cached_tokens() >= 499);
+    assert_eq!(content(&alice), content(&bob), "isolation does not change the output");
+}

@@ -18,6 +18,17 @@ pub const ENV_PREFIX: &str = "KVSIDECAR_";
 
 const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log"];
 
+/// `KVSIDECAR_*` variables that are not configuration keys: the project's setup and test
+/// scripts set them.
+const SCRIPT_VARIABLES: &[&str] = &[
+    "KVSIDECAR_CACHE",
+    "KVSIDECAR_LLAMA_SERVER",
+    "KVSIDECAR_TINY_MODEL",
+    "KVSIDECAR_DEMO_MODEL",
+    "KVSIDECAR_PYTHON",
+    "KVSIDECAR_TRACE",
+];
+
 /// Values given on the command line, which take precedence over the file and the environment.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -139,14 +150,23 @@ impl Sources {
         }
     }
 
-    /// Takes `KVSIDECAR_STORE_CAPACITY=10GiB` as `store.capacity`. Variables whose first word is
-    /// not a section name (such as `KVSIDECAR_CACHE`, used by the setup scripts) are not config.
+    /// Takes `KVSIDECAR_STORE_CAPACITY=10GiB` as `store.capacity`. A `KVSIDECAR_*` variable that
+    /// names no section is an error, except the variables of the project's scripts.
     fn add_environment(&mut self, name: &str, value: String) {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else { return };
+        if SCRIPT_VARIABLES.contains(&name) {
+            return;
+        }
         let rest = rest.to_ascii_lowercase();
         let Some(section) = SECTIONS.iter().find(|section| {
             rest.strip_prefix(*section).is_some_and(|tail| tail.starts_with('_'))
         }) else {
+            self.issues.push(ConfigIssue {
+                path: name.to_string(),
+                value: format!("{value:?}"),
+                origin: format!("environment {name}"),
+                rule: format!("unknown section; configuration variables are KVSIDECAR_<SECTION>_<KEY> with a section of {}", SECTIONS.join(", ")),
+            });
             return;
         };
         let key = &rest[section.len() + 1..];
@@ -217,8 +237,11 @@ impl Sources {
             let origin = sources.values.get(path).map(|(_, origin)| origin.clone()).unwrap_or_else(|| "default".into());
             sources.issues.push(ConfigIssue { path: path.into(), value, origin, rule: rule.into() });
         };
-        if config.engine.url.scheme_str() != Some("http") || config.engine.url.authority().is_none() {
-            fail(self, "engine.url", config.engine.url.to_string(), "must be an http:// URL with a host and port, such as http://127.0.0.1:8081");
+        if config.engine.url.scheme_str() != Some("http") || config.engine.url.host().is_none() {
+            fail(self, "engine.url", config.engine.url.to_string(), "must be an http:// URL with a host, such as http://127.0.0.1:8081");
+        }
+        if config.server.admin_listen == config.server.listen {
+            fail(self, "server.admin_listen", config.server.admin_listen.to_string(), "must differ from server.listen");
         }
         if config.store.chunk_size.as_u64() < 4096 || config.store.chunk_size.as_u64() > 64 << 20 {
             fail(self, "store.chunk_size", config.store.chunk_size.to_string(), "must be between 4 KiB and 64 MiB");
@@ -241,10 +264,23 @@ impl Sources {
         if config.request.default_tenant.is_empty() {
             fail(self, "request.default_tenant", "\"\"".into(), "must not be empty");
         }
-        if tracing_subscriber::EnvFilter::try_new(&config.log.level).is_err() {
+        if !valid_log_filter(&config.log.level) {
             fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
         }
     }
+}
+
+/// Checks a `tracing` filter: comma-separated directives, each a level or `target=level`. A bare
+/// word that is not a level would be read as a target name and silence the log, so it is invalid.
+fn valid_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let directives_valid = filter.split(',').map(str::trim).filter(|directive| !directive.is_empty()).all(|directive| {
+        match directive.rsplit_once('=') {
+            Some((target, level)) => !target.is_empty() && LEVELS.contains(&level.to_ascii_lowercase().as_str()),
+            None => LEVELS.contains(&directive.to_ascii_lowercase().as_str()),
+        }
+    });
+    directives_valid && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
 fn known_keys_rule(path: &str) -> String {
@@ -373,11 +409,16 @@ impl ConfigValue for http::HeaderName {
 }
 
 impl ConfigValue for Vec<String> {
-    /// Accepts a TOML array of strings, or a comma-separated string from the environment.
+    /// Accepts a TOML array of strings, or from the environment either a comma-separated list
+    /// (`a,b`) or a TOML array (`["a", "b"]`).
     fn parse(value: &toml::Value) -> Result<Self, String> {
-        let rule = || "must be a list of strings".to_string();
+        let rule = || "must be a list of strings, such as [\"a\", \"b\"] or a,b".to_string();
         match value {
             toml::Value::Array(items) => items.iter().map(|item| text(item).map(str::to_string).ok_or_else(rule)).collect(),
+            toml::Value::String(s) if s.trim_start().starts_with('[') => {
+                let table: toml::Table = toml::from_str(&format!("list = {s}")).map_err(|_| rule())?;
+                Self::parse(&table["list"])
+            }
             toml::Value::String(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()),
             _ => Err(rule()),
         }

@@ -5,6 +5,7 @@
 //! reports every invalid key at once.
 
 mod load;
+mod render;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;

@@ -26,7 +26,18 @@ const MAX_CONTROL_BODY: usize = 64 << 20;
 pub struct EngineClient {
     base: Uri,
     client: Client<HttpConnector, UpstreamBody>,
+    connect_timeout: Duration,
     response_timeout: Duration,
+}
+
+/// Owner of a dedicated engine connection. Dropping it aborts the task that drives the
+/// connection, which closes the socket, and the engine stops working on the request.
+pub struct ConnectionGuard(tokio::task::AbortHandle);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl EngineClient {
@@ -37,7 +48,7 @@ impl EngineClient {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        EngineClient { base, client, response_timeout }
+        EngineClient { base, client, connect_timeout, response_timeout }
     }
 
     pub fn base(&self) -> &Uri {
@@ -62,6 +73,45 @@ impl EngineClient {
             Err(_) => Err(EngineError::Timeout { path, after: limit }),
             Ok(Err(error)) => Err(EngineError::Unreachable { url: self.base.to_string(), reason: error_chain(&error) }),
             Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Sends `request` on a connection of its own and waits for the response headers, at most
+    /// the response timeout. The connection closes when the returned guard is dropped, so a
+    /// timeout, a client disconnect or a dropped stream also cancels the engine's work; a pooled
+    /// connection would stay open until the engine finished.
+    pub async fn send_cancellable(&self, mut request: Request<UpstreamBody>) -> Result<(Response<Incoming>, ConnectionGuard), EngineError> {
+        let path = request.uri().path().to_string();
+        let unreachable = |reason: String| EngineError::Unreachable { url: self.base.to_string(), reason };
+        let host = self.base.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = self.base.port_u16().unwrap_or(80);
+
+        let stream = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+            Err(_) => return Err(unreachable(format!("connect timed out after {}", humantime::format_duration(self.connect_timeout)))),
+            Ok(Err(error)) => return Err(unreachable(error.to_string())),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|error| unreachable(error_chain(&error)))?;
+        let driver = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "engine connection ended with an error");
+            }
+        });
+        let guard = ConnectionGuard(driver.abort_handle());
+
+        // HTTP/1.1 on a raw connection takes the origin form of the URI and a Host header.
+        let origin = request.uri().path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| "/".into());
+        *request.uri_mut() = origin.parse().unwrap_or_else(|_| Uri::from_static("/"));
+        if let Some(authority) = self.base.authority().and_then(|authority| http::HeaderValue::from_str(authority.as_str()).ok()) {
+            request.headers_mut().insert(http::header::HOST, authority);
+        }
+        match tokio::time::timeout(self.response_timeout, sender.send_request(request)).await {
+            Err(_) => Err(EngineError::Timeout { path, after: self.response_timeout }),
+            Ok(Err(error)) => Err(unreachable(error_chain(&error))),
+            Ok(Ok(response)) => Ok((response, guard)),
         }
     }
 

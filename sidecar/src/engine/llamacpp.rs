@@ -18,8 +18,8 @@ use crate::request::Endpoint;
 /// Time allowed for the engine's small control calls (health, props, tokenize).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// File name prefix of the slot files the probe writes; such files are removed after use.
-const PROBE_FILE_PREFIX: &str = "kvsidecar-probe-";
+/// Name of the slot file the layout probe writes; it is removed after use.
+const PROBE_FILE_NAME: &str = "kvsidecar-probe.bin";
 
 /// A `llama-server` process reached over HTTP.
 pub struct LlamaCpp {
@@ -54,7 +54,9 @@ impl LlamaCpp {
     /// Saves slot 0 to a probe file and parses it, filling the slot first when it is empty, so
     /// the fingerprint carries the KV layout the engine really uses.
     async fn probe_layout(&self) -> Result<SlotFileSummary, EngineError> {
-        let name = format!("{PROBE_FILE_PREFIX}{}.bin", std::process::id());
+        // A fixed name: when the engine writes into a folder the sidecar cannot see, each start
+        // overwrites the same file there instead of leaving a new one.
+        let name = PROBE_FILE_NAME.to_string();
         let path = self.config.slot_dir.join(&name);
         let mut summary = self.save_and_parse(&name, &path).await?;
         if summary.layout.is_none() {

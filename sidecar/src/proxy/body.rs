@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::engine::http_client::BoxError;
+use crate::engine::http_client::{BoxError, ConnectionGuard};
 
 /// Outcome of a streamed response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,16 +22,17 @@ pub enum StreamEnd {
 type OnEnd = Box<dyn FnOnce(StreamEnd) + Send + Sync>;
 
 /// The upstream body with an end-of-stream callback. Dropping it early (hyper does so when the
-/// client disconnects) also drops the upstream body, which closes the engine connection and
-/// makes the engine stop generating.
+/// client disconnects) closes the engine connection, which makes the engine stop generating.
 pub struct TrackedBody {
     inner: Incoming,
     on_end: Option<OnEnd>,
+    /// Closes the engine connection when the body is dropped, completed or not.
+    _connection: ConnectionGuard,
 }
 
 impl TrackedBody {
-    pub fn new(inner: Incoming, on_end: impl FnOnce(StreamEnd) + Send + Sync + 'static) -> TrackedBody {
-        TrackedBody { inner, on_end: Some(Box::new(on_end)) }
+    pub fn new(inner: Incoming, connection: ConnectionGuard, on_end: impl FnOnce(StreamEnd) + Send + Sync + 'static) -> TrackedBody {
+        TrackedBody { inner, on_end: Some(Box::new(on_end)), _connection: connection }
     }
 
     fn end(&mut self, outcome: StreamEnd) {

@@ -98,27 +98,35 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     let slot = match parsed.requested_slot {
         Some(slot) => slot,
         None => {
-            let best = ready.slots.best_for(&tokens).ok_or_else(|| ApiError::not_ready("the engine reports no slots"))?;
-            if stored > best.common + min_gain { ready.slots.victim_for_restore(&tokens).unwrap_or(best.slot) } else { best.slot }
+            let best = ready.slots.best_for(&tokens, &namespace).ok_or_else(|| ApiError::not_ready("the engine reports no slots"))?;
+            if stored > best.common + min_gain { ready.slots.victim_for_restore(&tokens, &namespace).unwrap_or(best.slot) } else { best.slot }
         }
     };
     let lease = ready.slots.acquire(slot).await.ok_or_else(|| ApiError::internal(format!("slot {slot} vanished")))?;
 
     // Restore: the slot's contents may have changed while waiting, so decide again under the lease.
-    let mut common = common_prefix(&ready.slots.tokens(slot), &tokens);
-    let mut source = if common > 0 { CacheSource::Slot } else { CacheSource::None };
+    let mut reusable = ready.slots.reusable_by(slot, &namespace);
+    let mut common = if reusable { common_prefix(&ready.slots.tokens(slot), &tokens) } else { 0 };
+    let mut source = CacheSource::Slot;
     if let Some(found) = stored_match.filter(|_| stored > common + min_gain) {
-        if let Some(restored) = restore::into_slot(app, &ready, slot, found).await {
+        if let Some(restored) = restore::into_slot(app, &ready, slot, found, namespace).await {
             common = common_prefix(&restored, &tokens);
             source = CacheSource::Local;
+            reusable = true;
         } else {
             common = 0;
-            source = CacheSource::None;
+        }
+    }
+    if !reusable {
+        // The slot may contain another tenant's or salt's KV, and the engine would reuse any
+        // common prefix of it, so this request is computed in full.
+        if let Some(object) = parsed.body.as_object_mut() {
+            object.insert("cache_prompt".into(), serde_json::Value::Bool(false));
         }
     }
     let reuse = parsed.body.get("cache_prompt").and_then(serde_json::Value::as_bool).unwrap_or(true);
     let cached = if reuse { common.min(tokens.len().saturating_sub(1)) as u32 } else { 0 };
-    if common == 0 || !reuse {
+    if cached == 0 {
         source = CacheSource::None;
     }
     let plan = Plan { tokens, namespace, tenant, source, cached, stored };
@@ -134,10 +142,10 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
 
 async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: CompletionRequest, plan: Plan) -> Result<Response<ResponseBody>, ApiError> {
     let upstream = upstream_request(app, &parsed)?;
-    let response = match app.engine.client().send(upstream).await {
-        Ok(response) => response,
+    let (response, connection) = match app.engine.client().send_cancellable(upstream).await {
+        Ok(pair) => pair,
         Err(error) => {
-            ready.slots.set_tokens(lease.slot, Vec::new());
+            finish(app.clone(), ready, lease, plan, Outcome::Failed);
             return Err(ApiError::from_engine(&error));
         }
     };
@@ -147,41 +155,57 @@ async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: Co
     let success = head.status.is_success();
 
     if parsed.stream && success {
+        // NOTE: stream headers leave before the engine reports its reuse, so they carry the
+        // planned count; the engine's own count is in the stream's final event (timings.cache_n).
         set_cache_headers(&mut head.headers, plan.source, plan.cached);
         record(app, plan.source, plan.tokens.len(), plan.cached);
         let app = app.clone();
-        let tracked = TrackedBody::new(body, move |end| finish(app, ready, lease, plan, end == StreamEnd::Completed));
+        let tracked = TrackedBody::new(body, connection, move |end| {
+            let outcome = if end == StreamEnd::Completed { Outcome::Completed } else { Outcome::Aborted };
+            finish(app, ready, lease, plan, outcome)
+        });
         return Ok(Response::from_parts(head, tracked.boxed()));
     }
 
     // A non-streaming response is one JSON document that the engine sends only when complete, so
     // reading it whole adds no delay and gives the engine's own count of reused tokens.
-    let bytes = match read_limited(body, MAX_RESPONSE_BODY).await {
+    let read = read_limited(body, MAX_RESPONSE_BODY).await;
+    drop(connection);
+    let bytes = match read {
         Ok(bytes) => bytes,
         Err(detail) => {
-            ready.slots.set_tokens(lease.slot, Vec::new());
+            finish(app.clone(), ready, lease, plan, Outcome::Failed);
             return Err(ApiError::from_engine(&crate::engine::EngineError::InvalidResponse { path: "completion".into(), detail }));
         }
     };
+    if !success {
+        let error = ApiError::engine_rejected(head.status, &bytes);
+        finish(app.clone(), ready, lease, plan, Outcome::Failed);
+        return Err(error);
+    }
+
     let reported = serde_json::from_slice(&bytes).ok().and_then(|value| app.engine.cached_tokens_in_response(&value));
-    let cached = if success { reported.unwrap_or(plan.cached) } else { 0 };
-    // The engine can hold more than the sidecar knew (state from before the sidecar started),
-    // so a reuse the plan did not expect still came from the slot.
-    let source = match (cached, plan.source) {
-        (0, _) => CacheSource::None,
-        (_, CacheSource::None) => CacheSource::Slot,
-        (_, planned) => planned,
-    };
-    if success && reported.is_some_and(|n| n != plan.cached) {
+    let cached = reported.unwrap_or(plan.cached);
+    let source = if cached == 0 { CacheSource::None } else { plan.source };
+    if reported.is_some_and(|n| n != plan.cached) {
         tracing::debug!(slot = lease.slot, expected = plan.cached, reported = cached, "engine reused a different number of tokens than planned");
     }
     set_cache_headers(&mut head.headers, source, cached);
     head.headers.remove(http::header::CONTENT_LENGTH);
-    if success {
-        record(app, source, plan.tokens.len(), cached);
-    }
-    finish(app.clone(), ready, lease, plan, success);
+    record(app, source, plan.tokens.len(), cached);
+    finish(app.clone(), ready, lease, plan, Outcome::Completed);
     Ok(Response::from_parts(head, full(bytes)))
+}
+
+/// How a forwarded request ended, for the slot table and the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The engine finished and the client received everything.
+    Completed,
+    /// The engine could not be reached, timed out, or rejected the request.
+    Failed,
+    /// The client went away or the stream broke midway.
+    Aborted,
 }
 
 fn record(app: &App, source: CacheSource, prompt_tokens: usize, cached: u32) {
@@ -192,14 +216,19 @@ fn record(app: &App, source: CacheSource, prompt_tokens: usize, cached: u32) {
 
 /// Runs after the response: records the slot's new contents and, for a long prompt not yet
 /// stored, saves the slot as a snapshot off the response path.
-fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, completed: bool) {
-    if !completed {
-        // The engine may have stopped anywhere in the prompt, so its slot contents are unknown.
-        Counters::add(&app.counters.client_disconnects, 1);
-        ready.slots.set_tokens(lease.slot, Vec::new());
-        return;
+fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, outcome: Outcome) {
+    match outcome {
+        Outcome::Completed => ready.slots.set_tokens(lease.slot, plan.tokens.clone(), plan.namespace),
+        Outcome::Failed | Outcome::Aborted => {
+            // The engine may have stopped anywhere in the prompt, so the slot's contents are unknown.
+            // A failed request is counted where its error is returned.
+            ready.slots.set_foreign(lease.slot, Vec::new());
+            if outcome == Outcome::Aborted {
+                Counters::add(&app.counters.client_disconnects, 1);
+            }
+            return;
+        }
     }
-    ready.slots.set_tokens(lease.slot, plan.tokens.clone());
 
     let block = app.config.prefix.block_tokens.get() as usize;
     let long_enough = plan.tokens.len() >= app.config.snapshot.min_tokens as usize;

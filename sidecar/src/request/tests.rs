@@ -40,6 +40,14 @@ fn missing_messages_named() {
 }
 
 #[test]
+fn user_message_without_content_named() {
+    let error = parse_chat(r#"{"messages":[{"role":"user"}]}"#).unwrap_err();
+    assert_eq!(error.code, "missing_field");
+    assert_eq!(error.param.as_deref(), Some("messages[0].content"));
+    assert!(parse_chat(r#"{"messages":[{"role":"assistant","tool_calls":[]}]}"#).is_ok());
+}
+
+#[test]
 fn message_without_role_named() {
     let error = parse_chat(r#"{"messages":[{"content":"x"}]}"#).unwrap_err();
     assert_eq!(error.param.as_deref(), Some("messages[0].role"));

@@ -130,8 +130,13 @@ impl Store {
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()))
             .chain([ColumnFamilyDescriptor::new(CHUNKS, chunk_options)]);
-        let db = DB::open_cf_descriptors(&options, &path, families)
-            .map_err(|error| StoreError::Open { path: path.display().to_string(), reason: error.to_string() })?;
+        let db = DB::open_cf_descriptors(&options, &path, families).map_err(|error| {
+            let mut reason = error.to_string();
+            if reason.contains("lock") {
+                reason.push_str("\nhint: another kvsidecar process is probably using this data dir; stop it or choose another --data-dir");
+            }
+            StoreError::Open { path: path.display().to_string(), reason }
+        })?;
 
         let store = Store {
             db,

@@ -21,6 +21,18 @@ fn defaults_need_nothing() {
 }
 
 #[test]
+fn rendered_config_loads_back_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rendered.toml");
+    let original = load(&Overrides::default(), env(&[("KVSIDECAR_ENGINE_CACHE_TYPE_K", "q8_0"), ("KVSIDECAR_STORE_CAPACITY", "3GiB")])).unwrap();
+    std::fs::write(&path, original.to_toml()).unwrap();
+    let reloaded = load(&Overrides { config_file: Some(path), ..Overrides::default() }, env(&[])).unwrap();
+    assert_eq!(reloaded.to_toml(), original.to_toml());
+    assert_eq!(reloaded.engine.cache_type_k, crate::config::KvCacheType::Q8_0);
+    assert_eq!(reloaded.store.capacity, ByteSize::gib(3));
+}
+
+#[test]
 fn environment_sets_keys() {
     let config = load(
         &Overrides::default(),
@@ -54,6 +66,31 @@ fn every_bad_key_reported() {
     let timeout = found.iter().find(|issue| issue.path == "engine.response_timeout").unwrap();
     assert_eq!(timeout.origin, "environment KVSIDECAR_ENGINE_RESPONSE_TIMEOUT");
     assert!(timeout.rule.contains("duration"));
+}
+
+#[test]
+fn unknown_variable_and_bad_filter_rejected() {
+    let found = issues(load(
+        &Overrides::default(),
+        env(&[("KVSIDECAR_SERVERS_LISTEN", "x"), ("KVSIDECAR_LOG_LEVEL", "debgu"), ("KVSIDECAR_CACHE", "/tmp")]),
+    ));
+    let paths: Vec<&str> = found.iter().map(|issue| issue.path.as_str()).collect();
+    assert_eq!(paths, ["KVSIDECAR_SERVERS_LISTEN", "log.level"]);
+}
+
+#[test]
+fn same_listen_addresses_rejected() {
+    let overrides = Overrides { listen: Some("127.0.0.1:7000".into()), admin_listen: Some("127.0.0.1:7000".into()), ..Overrides::default() };
+    let found = issues(load(&overrides, env(&[])));
+    assert_eq!(found[0].path, "server.admin_listen");
+}
+
+#[test]
+fn list_from_environment_in_both_forms() {
+    for value in ["a,b", "[\"a\", \"b\"]"] {
+        let config = load(&Overrides::default(), env(&[("KVSIDECAR_ENGINE_MODEL_ALIASES", value)])).unwrap();
+        assert_eq!(config.engine.model_aliases, ["a", "b"], "{value}");
+    }
 }
 
 #[test]

@@ -1,0 +1,98 @@
+//! Rendering of the effective configuration as TOML, in the same spelling the loader accepts.
+
+use toml::{Table, Value};
+
+use super::{Config, FlashAttention, KvCacheType, LogFormat};
+
+fn text(value: impl ToString) -> Value {
+    Value::String(value.to_string())
+}
+
+/// Writes a byte size exactly: in the largest binary unit that divides it, else in bytes.
+fn size(value: super::ByteSize) -> Value {
+    let bytes = value.as_u64();
+    for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes > 0 && bytes % factor == 0 {
+            return text(format!("{}{unit}", bytes / factor));
+        }
+    }
+    Value::Integer(i64::try_from(bytes).unwrap_or(i64::MAX))
+}
+
+fn duration(value: std::time::Duration) -> Value {
+    text(humantime::format_duration(value))
+}
+
+fn cache_type(value: KvCacheType) -> Value {
+    let name = match value {
+        KvCacheType::F32 => "f32",
+        KvCacheType::F16 => "f16",
+        KvCacheType::Bf16 => "bf16",
+        KvCacheType::Q8_0 => "q8_0",
+        KvCacheType::Q4_0 => "q4_0",
+        KvCacheType::Q4_1 => "q4_1",
+        KvCacheType::Iq4Nl => "iq4_nl",
+        KvCacheType::Q5_0 => "q5_0",
+        KvCacheType::Q5_1 => "q5_1",
+    };
+    text(name)
+}
+
+fn section(entries: Vec<(&str, Value)>) -> Value {
+    Value::Table(entries.into_iter().map(|(key, value)| (key.to_string(), value)).collect())
+}
+
+impl Config {
+    /// Returns the configuration as a TOML document that `kvsidecar serve --config` accepts.
+    pub fn to_toml(&self) -> String {
+        let mut root = Table::new();
+        root.insert("server".into(), section(vec![
+            ("listen", text(self.server.listen)),
+            ("admin_listen", text(self.server.admin_listen)),
+            ("max_body", size(self.server.max_body)),
+            ("shutdown_grace", duration(self.server.shutdown_grace)),
+        ]));
+        let flash_attention = match self.engine.flash_attention {
+            FlashAttention::On => "on",
+            FlashAttention::Off => "off",
+            FlashAttention::Auto => "auto",
+        };
+        root.insert("engine".into(), section(vec![
+            ("url", text(&self.engine.url)),
+            ("slot_dir", text(self.engine.slot_dir.display())),
+            ("connect_timeout", duration(self.engine.connect_timeout)),
+            ("response_timeout", duration(self.engine.response_timeout)),
+            ("probe_interval", duration(self.engine.probe_interval)),
+            ("cache_type_k", cache_type(self.engine.cache_type_k)),
+            ("cache_type_v", cache_type(self.engine.cache_type_v)),
+            ("flash_attention", text(flash_attention)),
+            ("unified_kv", Value::Boolean(self.engine.unified_kv)),
+            ("model_aliases", Value::Array(self.engine.model_aliases.iter().map(text).collect())),
+        ]));
+        root.insert("request".into(), section(vec![
+            ("tenant_header", text(&self.request.tenant_header)),
+            ("default_tenant", text(&self.request.default_tenant)),
+        ]));
+        root.insert("prefix".into(), section(vec![("block_tokens", Value::Integer(i64::from(self.prefix.block_tokens.get())))]));
+        root.insert("store".into(), section(vec![
+            ("data_dir", text(self.store.data_dir.display())),
+            ("capacity", size(self.store.capacity)),
+            ("chunk_size", size(self.store.chunk_size)),
+            ("max_snapshot", size(self.store.max_snapshot)),
+        ]));
+        root.insert("snapshot".into(), section(vec![
+            ("min_tokens", Value::Integer(i64::from(self.snapshot.min_tokens))),
+            ("restore_min_gain", Value::Integer(i64::from(self.snapshot.restore_min_gain))),
+        ]));
+        let format = match self.log.format {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        };
+        root.insert("log".into(), section(vec![
+            ("level", text(&self.log.level)),
+            ("format", text(format)),
+            ("log_prompts", Value::Boolean(self.log.log_prompts)),
+        ]));
+        toml::to_string(&root).unwrap_or_default()
+    }
+}
