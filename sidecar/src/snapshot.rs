@@ -10,13 +10,16 @@ use crate::slots::SlotLease;
 use crate::store::NewSnapshot;
 
 /// Saves the slot held by `lease` and stores it. The lease is released as soon as the engine has
-/// written the file and its tokens are known, before the slower ingestion into RocksDB.
+/// written the file, so the next request on the slot waits only for the engine's save, not for
+/// parsing and ingestion into RocksDB.
 pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespace: Namespace, tenant: String) {
     let slot = lease.slot;
     let name = app.slot_file_name("save", slot);
     let path = app.config.engine.slot_dir.join(&name);
 
-    if let Err(error) = app.engine.save_slot(slot, &name).await {
+    let saved = app.engine.save_slot(slot, &name).await;
+    drop(lease);
+    if let Err(error) = saved {
         tracing::warn!(slot, error = %error, "engine failed to save the slot; no snapshot taken");
         Counters::add(&app.counters.snapshots_failed, 1);
         let _ = tokio::fs::remove_file(&path).await;
@@ -32,7 +35,6 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
         Ok(Err(error)) => {
             tracing::warn!(slot, file = %name, error = %error, "slot file saved by the engine is invalid; no snapshot taken");
             Counters::add(&app.counters.snapshots_failed, 1);
-            ready.slots.set_foreign(slot, Vec::new());
             let _ = tokio::fs::remove_file(&path).await;
             return;
         }
@@ -42,8 +44,6 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
             return;
         }
     };
-    ready.slots.set_tokens(slot, summary.tokens.clone(), namespace);
-    drop(lease);
 
     let remove = || async { let _ = tokio::fs::remove_file(&path).await; };
     if summary.layout != ready.info.fingerprint_inputs.layout {

@@ -71,7 +71,7 @@ async fn restore_after_engine_and_sidecar_restart() {
 async fn engine_restart_behind_running_sidecar() {
     let ws = Workspace::new();
     let mut engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
-    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let mut sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
     let prompt = tokens(30, 600);
     let first = complete(&sidecar, &prompt).await;
     wait_saved(&sidecar, 1).await;
@@ -190,9 +190,17 @@ async fn other_model_never_restores() {
 async fn capacity_evicts_oldest_snapshots() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+
+    // Measure one snapshot's size in a separate store, then allow two and a half of them.
+    let snapshot_bytes = {
+        let mut spec = ws.sidecar(&engine);
+        spec.data_dir = ws.path("measure");
+        let sidecar = Sidecar::start(&spec, &ws.logs()).await.unwrap();
+        complete(&sidecar, &tokens(19, 600)).await;
+        wait_saved(&sidecar, 1).await["store"]["bytes"].as_u64().unwrap()
+    };
+    let capacity = snapshot_bytes * 5 / 2;
     let mut spec = ws.sidecar(&engine);
-    // A 600-token snapshot of the tiny model is about 2.5 MB, so three do not fit.
-    let capacity: u64 = 6_000_000;
     spec.env.push(("KVSIDECAR_STORE_CAPACITY".into(), capacity.to_string()));
     let sidecar = Sidecar::start(&spec, &ws.logs()).await.unwrap();
 

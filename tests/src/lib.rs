@@ -45,8 +45,14 @@ pub fn paths() -> Paths {
 
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    free_ports::<1>()[0]
+}
+
+/// Returns `N` distinct TCP ports on 127.0.0.1 that were free a moment ago. The listeners are
+/// held until all ports are chosen, so the system cannot hand out the same port twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local address").port())
 }
 
 /// Returns the `kvsidecar` binary of the same build profile as the running executable: beside it
@@ -199,14 +205,14 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts the sidecar and waits until `/readyz` returns 200.
     pub async fn start(spec: &SidecarSpec, logs: &Path) -> Result<Sidecar> {
-        let sidecar = Self::spawn(spec, logs)?;
+        let mut sidecar = Self::spawn(spec, logs)?;
         sidecar.wait_ready(Duration::from_secs(60)).await?;
         Ok(sidecar)
     }
 
     /// Starts the sidecar without waiting for it to be ready.
     pub fn spawn(spec: &SidecarSpec, logs: &Path) -> Result<Sidecar> {
-        let (port, admin_port) = (free_port(), free_port());
+        let [port, admin_port] = free_ports::<2>();
         let mut command = Command::new(sidecar_binary());
         command
             .arg("serve")
@@ -224,13 +230,13 @@ impl Sidecar {
         Ok(Sidecar { process, url: format!("http://127.0.0.1:{port}"), admin_url: format!("http://127.0.0.1:{admin_port}") })
     }
 
-    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+    pub async fn wait_ready(&mut self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
             if get(&format!("{}/readyz", self.url)).await.is_ok_and(|reply| reply.status == 200) {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if !self.process.running() || Instant::now() > deadline {
                 bail!("kvsidecar did not become ready; log:\n{}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
