@@ -306,7 +306,7 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// Sends a request and reads the whole answer.
+/// Sends a request and reads the whole response.
 pub async fn send(method: http::Method, url: &str, body: Bytes, headers: &[(&str, &str)]) -> Result<Reply> {
     let mut builder = http::Request::builder().method(method).uri(url);
     for (name, value) in headers {

@@ -1,5 +1,5 @@
-//! Latency kvsidecar adds to a cache miss, measured end to end: the same kind of request sent to
-//! llama-server directly and through the sidecar, with fresh token-id prompts so that every
+//! Latency kvsidecar adds to a cache miss, measured end to end. The same kind of request goes to
+//! llama-server directly and through the sidecar. Every prompt is fresh token ids, so every
 //! request is a miss and no tokenizer call is needed.
 //!
 //! Run with `scripts/bench.sh overhead` (or, after `scripts/setup.sh`,

@@ -78,7 +78,7 @@ impl EngineClient {
 
     /// Sends `request` on a connection of its own and waits for the response headers, at most
     /// the response timeout. The connection closes when the returned guard is dropped, so a
-    /// timeout, a client disconnect or a dropped stream also cancels the engine's work; a pooled
+    /// timeout, a client disconnect or a dropped stream also cancels the engine's work. A pooled
     /// connection would stay open until the engine finished.
     pub async fn send_cancellable(&self, mut request: Request<UpstreamBody>) -> Result<(Response<Incoming>, ConnectionGuard), EngineError> {
         let path = request.uri().path().to_string();

@@ -156,7 +156,7 @@ async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: Co
 
     if parsed.stream && success {
         // NOTE: stream headers leave before the engine reports its reuse, so they carry the
-        // planned count; the engine's own count is in the stream's final event (timings.cache_n).
+        // planned count. The engine's own count is in the stream's final event (timings.cache_n).
         set_cache_headers(&mut head.headers, plan.source, plan.cached);
         record(app, plan.source, plan.tokens.len(), plan.cached);
         let app = app.clone();
@@ -197,7 +197,7 @@ async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: Co
     Ok(Response::from_parts(head, full(bytes)))
 }
 
-/// How a forwarded request ended, for the slot table and the counters.
+/// End state of a forwarded request, for the slot table and the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     /// The engine finished and the client received everything.
