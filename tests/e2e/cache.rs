@@ -132,19 +132,17 @@ async fn two_slots_alternating_conversations_hit() {
     assert_eq!(content(&b1), content(&b2));
 }
 
-#[tokio::test]
-async fn changed_kv_type_never_restores() {
-    let ws = Workspace::new();
-    let prompt = tokens(8, 600);
-    store_once(&ws, &prompt).await;
+/// Stores `prompt` with the default tiny engine, restarts with an engine started from `spec`
+/// and a sidecar with the extra variables `env`, and checks that the prompt is computed cold
+/// without any restore attempt.
+async fn assert_never_restored(ws: &Workspace, prompt: &[u32], spec: kvsidecar_tests::EngineSpec, env: &[(&str, &str)]) {
+    store_once(ws, prompt).await;
 
-    let mut spec = ws.tiny_engine(1);
-    spec.extra = vec!["-ctk".into(), "q8_0".into()];
     let engine = Engine::start(&spec, &ws.logs()).await.unwrap();
     let mut sidecar_spec = ws.sidecar(&engine);
-    sidecar_spec.env.push(("KVSIDECAR_ENGINE_CACHE_TYPE_K".into(), "q8_0".into()));
+    sidecar_spec.env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let sidecar = Sidecar::start(&sidecar_spec, &ws.logs()).await.unwrap();
-    let reply = complete(&sidecar, &prompt).await;
+    let reply = complete(&sidecar, prompt).await;
 
     assert_eq!(reply.cache_source(), "none");
     assert_eq!(reply.cached_tokens(), 0);
@@ -154,36 +152,28 @@ async fn changed_kv_type_never_restores() {
 }
 
 #[tokio::test]
-async fn undeclared_kv_type_change_detected_by_layout() {
+async fn changed_kv_type_never_restores() {
     let ws = Workspace::new();
-    let prompt = tokens(9, 600);
-    store_once(&ws, &prompt).await;
-
-    // The operator forgot to declare the new K type: the probed KV layout still differs.
     let mut spec = ws.tiny_engine(1);
     spec.extra = vec!["-ctk".into(), "q8_0".into()];
-    let engine = Engine::start(&spec, &ws.logs()).await.unwrap();
-    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
-    let reply = complete(&sidecar, &prompt).await;
+    assert_never_restored(&ws, &tokens(8, 600), spec, &[("KVSIDECAR_ENGINE_CACHE_TYPE_K", "q8_0")]).await;
+}
 
-    assert_eq!(reply.cache_source(), "none");
-    assert_eq!(sidecar.stats().await["requests"]["restores"], 0);
+#[tokio::test]
+async fn undeclared_kv_type_change_detected_by_layout() {
+    // The operator forgot to declare the new K type: the probed KV layout still differs.
+    let ws = Workspace::new();
+    let mut spec = ws.tiny_engine(1);
+    spec.extra = vec!["-ctk".into(), "q8_0".into()];
+    assert_never_restored(&ws, &tokens(9, 600), spec, &[]).await;
 }
 
 #[tokio::test]
 async fn other_model_never_restores() {
     let ws = Workspace::new();
-    let prompt = tokens(10, 400);
-    store_once(&ws, &prompt).await;
-
     let mut spec = ws.tiny_engine(1);
     spec.model = kvsidecar_tests::paths().demo_model;
-    let engine = Engine::start(&spec, &ws.logs()).await.unwrap();
-    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
-    let reply = complete(&sidecar, &prompt).await;
-
-    assert_eq!(reply.cache_source(), "none");
-    assert_eq!(sidecar.stats().await["requests"]["restores"], 0);
+    assert_never_restored(&ws, &tokens(10, 400), spec, &[]).await;
 }
 
 #[tokio::test]

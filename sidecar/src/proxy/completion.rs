@@ -114,7 +114,9 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
             source = CacheSource::Local;
             reusable = true;
         } else {
-            common = 0;
+            // A failed restore may have emptied the slot or left it as it was; read it again.
+            reusable = ready.slots.reusable_by(slot, &namespace);
+            common = if reusable { common_prefix(&ready.slots.tokens(slot), &tokens) } else { 0 };
         }
     }
     if !reusable {
