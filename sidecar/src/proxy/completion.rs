@@ -139,15 +139,15 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
 
     // Forward, pinned to the slot.
     app.engine.pin_to_slot(&mut parsed.body, slot);
-    forward(app, ready, lease, parsed, plan).await
+    forward(app, InFlight::new(app, ready, lease, plan), parsed).await
 }
 
-async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: CompletionRequest, plan: Plan) -> Result<Response<ResponseBody>, ApiError> {
+async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest) -> Result<Response<ResponseBody>, ApiError> {
     let upstream = upstream_request(app, &parsed)?;
     let (response, connection) = match app.engine.client().send_cancellable(upstream).await {
         Ok(pair) => pair,
         Err(error) => {
-            finish(app.clone(), ready, lease, plan, Outcome::Failed);
+            in_flight.finish(Outcome::Failed);
             return Err(ApiError::from_engine(&error));
         }
     };
@@ -155,16 +155,15 @@ async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: Co
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let success = head.status.is_success();
+    let plan = in_flight.plan();
 
     if parsed.stream && success {
         // NOTE: stream headers leave before the engine reports its reuse, so they carry the
         // planned count. The engine's own count is in the stream's final event (timings.cache_n).
         set_cache_headers(&mut head.headers, plan.source, plan.cached);
-        record(app, plan.source, plan.tokens.len(), plan.cached);
-        let app = app.clone();
+        record(app, plan.source, plan.prompt_tokens, plan.cached);
         let tracked = TrackedBody::new(body, connection, move |end| {
-            let outcome = if end == StreamEnd::Completed { Outcome::Completed } else { Outcome::Aborted };
-            finish(app, ready, lease, plan, outcome)
+            in_flight.finish(if end == StreamEnd::Completed { Outcome::Completed } else { Outcome::Aborted })
         });
         return Ok(Response::from_parts(head, tracked.boxed()));
     }
@@ -176,27 +175,73 @@ async fn forward(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, parsed: Co
     let bytes = match read {
         Ok(bytes) => bytes,
         Err(detail) => {
-            finish(app.clone(), ready, lease, plan, Outcome::Failed);
+            in_flight.finish(Outcome::Failed);
             return Err(ApiError::from_engine(&crate::engine::EngineError::InvalidResponse { path: "completion".into(), detail }));
         }
     };
     if !success {
-        let error = ApiError::engine_rejected(head.status, &bytes);
-        finish(app.clone(), ready, lease, plan, Outcome::Failed);
-        return Err(error);
+        in_flight.finish(Outcome::Failed);
+        return Err(ApiError::engine_rejected(head.status, &bytes));
     }
 
     let reported = serde_json::from_slice(&bytes).ok().and_then(|value| app.engine.cached_tokens_in_response(&value));
     let cached = reported.unwrap_or(plan.cached);
     let source = if cached == 0 { CacheSource::None } else { plan.source };
     if reported.is_some_and(|n| n != plan.cached) {
-        tracing::debug!(slot = lease.slot, expected = plan.cached, reported = cached, "engine reused a different number of tokens than planned");
+        tracing::debug!(expected = plan.cached, reported = cached, "engine reused a different number of tokens than planned");
     }
     set_cache_headers(&mut head.headers, source, cached);
     head.headers.remove(http::header::CONTENT_LENGTH);
-    record(app, source, plan.tokens.len(), cached);
-    finish(app.clone(), ready, lease, plan, Outcome::Completed);
+    record(app, source, plan.prompt_tokens, cached);
+    in_flight.finish(Outcome::Completed);
     Ok(Response::from_parts(head, full(bytes)))
+}
+
+/// A forwarded request that still holds its slot. hyper drops the request's future when the
+/// client disconnects, and with it this value, which then records the request as aborted and
+/// closes the engine connection.
+// NOTE: llama-server (llama-cpp-python 0.3.36's tree) polls a non-streaming request's connection
+// about once a second and was seen to miss the close, generating to the end; streams stop.
+
+struct InFlight {
+    app: Arc<App>,
+    ready: Arc<Ready>,
+    held: Option<(SlotLease, Plan)>,
+    summary: PlanSummary,
+}
+
+/// The figures of a plan that the response needs, copied so the plan itself can move.
+#[derive(Clone, Copy)]
+struct PlanSummary {
+    source: CacheSource,
+    cached: u32,
+    prompt_tokens: usize,
+}
+
+impl InFlight {
+    fn new(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan) -> InFlight {
+        let summary = PlanSummary { source: plan.source, cached: plan.cached, prompt_tokens: plan.tokens.len() };
+        InFlight { app: app.clone(), ready, held: Some((lease, plan)), summary }
+    }
+
+    fn plan(&self) -> PlanSummary {
+        self.summary
+    }
+
+    fn finish(mut self, outcome: Outcome) {
+        if let Some((lease, plan)) = self.held.take() {
+            finish(self.app.clone(), self.ready.clone(), lease, plan, outcome);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some((lease, plan)) = self.held.take() {
+            tracing::debug!(slot = lease.slot, "client closed the connection before the response; engine request cancelled");
+            finish(self.app.clone(), self.ready.clone(), lease, plan, Outcome::Aborted);
+        }
+    }
 }
 
 /// End state of a forwarded request, for the slot table and the counters.
