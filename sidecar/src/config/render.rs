@@ -12,7 +12,7 @@ fn text(value: impl ToString) -> Value {
 fn size(value: super::ByteSize) -> Value {
     let bytes = value.as_u64();
     for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes > 0 && bytes % factor == 0 {
+        if bytes > 0 && bytes.is_multiple_of(factor) {
             return text(format!("{}{unit}", bytes / factor));
         }
     }

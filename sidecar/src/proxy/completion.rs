@@ -200,9 +200,10 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
 /// A forwarded request that still holds its slot. hyper drops the request's future when the
 /// client disconnects, and with it this value, which then records the request as aborted and
 /// closes the engine connection.
-// NOTE: llama-server (llama-cpp-python 0.3.36's tree) polls a non-streaming request's connection
-// about once a second and was seen to miss the close, generating to the end; streams stop.
-
+///
+/// NOTE: llama-server (llama-cpp-python 0.3.36's tree) polls a non-streaming request's
+/// connection about once a second and was seen to miss the close and generate to the end.
+/// Streams stop at the engine's next write.
 struct InFlight {
     app: Arc<App>,
     ready: Arc<Ready>,
