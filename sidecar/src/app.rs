@@ -115,6 +115,8 @@ pub struct App {
     /// Bounds the snapshots being saved and ingested at once.
     pub snapshot_permits: Arc<tokio::sync::Semaphore>,
     file_counter: AtomicU64,
+    /// Wakes the monitor to probe the engine now rather than at its next interval.
+    pub probe_now: tokio::sync::Notify,
 }
 
 /// Snapshots saved and ingested at the same time; more are skipped rather than queued.
@@ -131,6 +133,7 @@ impl App {
             counters: Counters::default(),
             snapshot_permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SNAPSHOTS)),
             file_counter: AtomicU64::new(0),
+            probe_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -161,6 +164,28 @@ impl App {
     pub fn set_not_ready(&self, reason: String, unreachable: bool) {
         self.ready.store(None);
         self.not_ready.store(Some(Arc::new(NotReady { reason, unreachable })));
+        self.probe_now.notify_one();
+    }
+
+    /// Checks that the engine is still the one `ready` describes. An engine replaced between two
+    /// health checks (same port, other model or settings) would otherwise have its KV stored or
+    /// restored under the old fingerprint. A changed engine is marked not ready, so the monitor
+    /// probes it anew. Returns false when the engine changed or cannot be asked.
+    pub async fn engine_unchanged(&self, ready: &Ready) -> bool {
+        match self.engine.identity().await {
+            Ok(current) if ready.info.fingerprint_inputs.same_engine(&current) => true,
+            Ok(_) => {
+                tracing::warn!(engine.generation = ready.generation, "engine model or settings changed since it was probed; probing it again");
+                if self.ready().is_some_and(|now| now.generation == ready.generation) {
+                    self.set_not_ready("engine changed since it was probed".into(), false);
+                }
+                false
+            }
+            Err(error) => {
+                tracing::debug!(error = %error, "engine identity check failed");
+                false
+            }
+        }
     }
 
     /// Returns a slot-file name unique within this process, such as `kvsidecar-save-1-42.bin`.

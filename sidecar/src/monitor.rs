@@ -19,6 +19,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = interval.tick() => {}
+            _ = app.probe_now.notified() => {}
             _ = shutdown.changed() => return,
         }
 
@@ -59,6 +60,11 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         if !app.engine.healthy().await {
             tracing::warn!(engine.url = %app.config.engine.url, engine.generation = ready.generation, "engine health check failed; slot contents are forgotten until the engine is probed again");
             app.set_not_ready("engine health check failed".into(), true);
+            last_task_id = None;
+            continue;
+        }
+
+        if !app.engine_unchanged(&ready).await {
             last_task_id = None;
             continue;
         }

@@ -60,6 +60,10 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
         }
     }
 
+    if !app.engine_unchanged(ready).await {
+        let _ = tokio::fs::remove_file(&path).await;
+        return None;
+    }
     let restored = app.engine.restore_slot(slot, &name).await;
     let _ = tokio::fs::remove_file(&path).await;
     match restored {

@@ -17,6 +17,11 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
     let name = app.slot_file_name("save", slot);
     let path = app.config.engine.slot_dir.join(&name);
 
+    // The engine is checked before and after the save, so the file cannot come from an engine
+    // that replaced the probed one in between.
+    if !app.engine_unchanged(ready).await {
+        return;
+    }
     let saved = app.engine.save_slot(slot, &name).await;
     drop(lease);
     if let Err(error) = saved {
@@ -46,6 +51,10 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
     };
 
     let remove = || async { let _ = tokio::fs::remove_file(&path).await; };
+    if !app.engine_unchanged(ready).await {
+        remove().await;
+        return;
+    }
     if summary.layout != ready.info.fingerprint_inputs.layout {
         tracing::warn!(slot, file = %name, "slot file KV layout differs from the engine's probed layout; no snapshot taken");
         Counters::add(&app.counters.snapshots_failed, 1);

@@ -216,3 +216,57 @@ async fn unshared_slot_folder_disables_snapshots_only() {
     let stats = sidecar.stats().await;
     assert_eq!(stats["requests"]["snapshots_saved"], 0, "{stats}");
 }
+
+#[tokio::test]
+async fn engine_swapped_between_checks_never_mixes_kv() {
+    let ws = Workspace::new();
+    let paths = kvsidecar_tests::paths();
+
+    // A second model of the same shape with other weights, at another path.
+    let other = ws.dir.path().join("other.gguf");
+    let generator = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make_model.py");
+    let status = std::process::Command::new(&paths.python)
+        .arg(&generator)
+        .args(["--layers", "4", "--width", "256", "--kv-heads", "2", "--name", "other", "--seed", "999", "--output"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let prompt = tokens(50, 640);
+    let mut longer = prompt.clone();
+    longer.extend(tokens(51, 20));
+    let body = |prompt: &[u32]| json!({"prompt": prompt, "n_predict": 8, "temperature": 0.0});
+
+    let mut engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let expected = post_json(&format!("{}/completion", engine.url), &body(&longer)).await.unwrap().json()["content"].clone();
+    let port = engine.port;
+    let mut spec = ws.sidecar(&engine);
+    // The health check alone would not notice a swap within this interval.
+    spec.env.push(("KVSIDECAR_ENGINE_PROBE_INTERVAL".into(), "60s".into()));
+    let sidecar = Sidecar::start(&spec, &ws.logs()).await.unwrap();
+
+    // Swap in the other model on the same port, and let the sidecar see traffic and snapshots.
+    engine.kill();
+    let mut other_spec = ws.tiny_engine(1);
+    other_spec.model = other.clone();
+    let mut swapped = Engine::start_on(&other_spec, &ws.logs(), port).await.unwrap();
+    for _ in 0..20 {
+        post_json(&format!("{}/completion", sidecar.url), &body(&prompt)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Swap back and ask for a prompt that extends the one computed by the other model.
+    swapped.kill();
+    let _engine = Engine::start_on(&ws.tiny_engine(1), &ws.logs(), port).await.unwrap();
+    let reply = loop {
+        let reply = post_json(&format!("{}/completion", sidecar.url), &body(&longer)).await.unwrap();
+        if reply.status == 200 {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    assert_eq!(reply.json()["content"], expected, "the output equals the original model's cold output");
+    assert_ne!(reply.header("x-kvsidecar-cache-source"), Some("local"));
+}

@@ -46,6 +46,16 @@ pub struct FingerprintInputs {
     pub layout: Option<KvLayout>,
 }
 
+impl FingerprintInputs {
+    /// Returns whether `current` (from `Engine::identity`, without a layout) describes the same
+    /// engine as these probed inputs.
+    pub fn same_engine(&self, current: &FingerprintInputs) -> bool {
+        let mut current = current.clone();
+        current.layout = self.layout.clone();
+        *self == current
+    }
+}
+
 /// A 32-byte model fingerprint.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);

@@ -107,11 +107,30 @@ fn text(value: &Value, pointer: &str) -> String {
 impl Engine for LlamaCpp {
     async fn probe(&self) -> Result<EngineInfo, EngineError> {
         self.get("/health").await?;
+        let mut inputs = self.identity().await?;
+        let (layout, slot0_tokens, snapshots_disabled) = match self.probe_layout().await {
+            Ok(summary) => (summary.layout, summary.tokens, None),
+            Err(EngineError::SlotApi(reason)) => (None, Vec::new(), Some(reason)),
+            Err(error) => return Err(error),
+        };
+        inputs.layout = layout;
+
+        let to_u32 = |value: u64, what: &str| u32::try_from(value).map_err(|_| invalid("/props", &format!("{what} {value} is out of range")));
+        Ok(EngineInfo {
+            model_id: inputs.model_id.clone(),
+            total_slots: to_u32(inputs.total_slots, "total_slots")?,
+            slot_context: to_u32(inputs.slot_context, "n_ctx")?,
+            n_vocab: to_u32(inputs.n_vocab, "n_vocab")?,
+            fingerprint: Fingerprint::of(&inputs),
+            fingerprint_inputs: inputs,
+            snapshots_disabled,
+            slot0_tokens,
+        })
+    }
+
+    async fn identity(&self) -> Result<FingerprintInputs, EngineError> {
         let props = self.get("/props").await?;
         let models = self.get("/v1/models").await?;
-
-        let total_slots = number(&props, "/total_slots", "/props")?;
-        let slot_context = number(&props, "/default_generation_settings/n_ctx", "/props")?;
         let model_path = text(&props, "/model_path");
         let model_file = std::path::Path::new(&model_path).file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
         let model_id = text(&models, "/data/0/id");
@@ -119,16 +138,9 @@ impl Engine for LlamaCpp {
             return Err(invalid("/v1/models", "missing data[0].id"));
         }
         let meta = |key: &str| number(&models, &format!("/data/0/meta/{key}"), "/v1/models");
-
-        let (layout, slot0_tokens, snapshots_disabled) = match self.probe_layout().await {
-            Ok(summary) => (summary.layout, summary.tokens, None),
-            Err(EngineError::SlotApi(reason)) => (None, Vec::new(), Some(reason)),
-            Err(error) => return Err(error),
-        };
-
-        let inputs = FingerprintInputs {
+        Ok(FingerprintInputs {
             engine: "llama.cpp".into(),
-            model_id: model_id.clone(),
+            model_id,
             model_file,
             model_ftype: text(&props, "/model_ftype"),
             n_vocab: meta("n_vocab")?,
@@ -136,24 +148,13 @@ impl Engine for LlamaCpp {
             n_embd: meta("n_embd")?,
             n_params: meta("n_params")?,
             model_bytes: meta("size")?,
-            slot_context,
-            total_slots,
+            slot_context: number(&props, "/default_generation_settings/n_ctx", "/props")?,
+            total_slots: number(&props, "/total_slots", "/props")?,
             cache_type_k: self.config.cache_type_k,
             cache_type_v: self.config.cache_type_v,
             flash_attention: self.config.flash_attention,
             unified_kv: self.config.unified_kv,
-            layout,
-        };
-        let to_u32 = |value: u64, what: &str| u32::try_from(value).map_err(|_| invalid("/props", &format!("{what} {value} is out of range")));
-        Ok(EngineInfo {
-            model_id,
-            total_slots: to_u32(total_slots, "total_slots")?,
-            slot_context: to_u32(slot_context, "n_ctx")?,
-            n_vocab: to_u32(inputs.n_vocab, "n_vocab")?,
-            fingerprint: Fingerprint::of(&inputs),
-            fingerprint_inputs: inputs,
-            snapshots_disabled,
-            slot0_tokens,
+            layout: None,
         })
     }
 

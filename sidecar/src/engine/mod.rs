@@ -82,6 +82,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Returns the engine's identity, slots and model fingerprint; fails while it is not ready.
     async fn probe(&self) -> Result<EngineInfo, EngineError>;
 
+    /// Returns the fingerprint inputs the engine reports now, without the KV layout, which only
+    /// `probe` measures. Comparing them with the probed ones detects an engine replaced by another.
+    async fn identity(&self) -> Result<FingerprintInputs, EngineError>;
+
     /// Returns whether the engine passes its health check.
     async fn healthy(&self) -> bool;
 
