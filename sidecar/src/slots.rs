@@ -89,6 +89,13 @@ impl Slots {
         self.set(slot, SlotContents { tokens: Arc::new(tokens), owner: None });
     }
 
+    /// Marks every slot's contents unknown, after a request the engine placed in a slot itself.
+    pub fn set_all_foreign(&self) {
+        for slot in 0..self.len() {
+            self.set_foreign(slot, Vec::new());
+        }
+    }
+
     fn set(&self, slot: u32, contents: SlotContents) {
         if let Some(s) = self.slots.get(slot as usize) {
             *lock(&s.contents) = contents;

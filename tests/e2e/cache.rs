@@ -247,3 +247,35 @@ async fn tenants_and_salts_never_share_kv() {
     assert!(alice_again.cached_tokens() >= 499);
     assert_eq!(content(&alice), content(&bob), "isolation does not change the output");
 }
+
+#[tokio::test]
+async fn encoded_paths_and_batches_stay_isolated() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let prompt = tokens(60, 400);
+    let send = |path: &str, body: Value, tenant: &'static str| {
+        let url = format!("{}{path}", sidecar.url);
+        async move {
+            let headers = [("content-type", "application/json"), ("x-kvsidecar-tenant", tenant)];
+            kvsidecar_tests::send(http::Method::POST, &url, bytes::Bytes::from(body.to_string()), &headers).await.unwrap()
+        }
+    };
+    send("/completion", json!({"prompt": prompt, "n_predict": 2}), "alice").await;
+
+    let erase = send("/%73lots/0?action=erase", json!({}), "bob").await;
+    assert_eq!(erase.status, 403, "an encoded slot path is still a slot action");
+
+    let encoded = send("/%63ompletion", json!({"prompt": prompt, "n_predict": 2}), "bob").await;
+    assert_eq!(encoded.status, 200);
+    assert_eq!(encoded.cache_source(), "none", "an encoded completion path takes the cache path");
+    assert_eq!(encoded.json()["timings"]["cache_n"], 0);
+
+    send("/completion", json!({"prompt": prompt, "n_predict": 2}), "alice").await;
+    let batch = send("/completion", json!({"prompt": [prompt, tokens(61, 50)], "n_predict": 2}), "bob").await;
+    assert_eq!(batch.status, 200, "{}", String::from_utf8_lossy(&batch.body));
+    let results = batch.json();
+    for result in results.as_array().expect("one result per prompt") {
+        assert_eq!(result["timings"]["cache_n"], 0, "a batch never reuses another tenant's slot: {result}");
+    }
+}

@@ -310,8 +310,16 @@ fn upstream_request(app: &App, parsed: &CompletionRequest) -> Result<Request<cra
         .map_err(|error| ApiError::internal(error.to_string()))
 }
 
-/// Forwards a batch of prompts without slot pinning or snapshots.
-async fn forward_uncached(app: &App, parsed: CompletionRequest) -> Result<Response<ResponseBody>, ApiError> {
+/// Forwards a batch of prompts without slot pinning or snapshots. The engine places the prompts
+/// in slots itself, so they must not reuse any slot's prefix, and the slots' contents become
+/// unknown.
+async fn forward_uncached(app: &App, mut parsed: CompletionRequest) -> Result<Response<ResponseBody>, ApiError> {
+    if let Some(object) = parsed.body.as_object_mut() {
+        object.insert("cache_prompt".into(), serde_json::Value::Bool(false));
+    }
+    if let Some(ready) = app.ready() {
+        ready.slots.set_all_foreign();
+    }
     let response = app.engine.client().send(upstream_request(app, &parsed)?).await.map_err(|error| ApiError::from_engine(&error))?;
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);

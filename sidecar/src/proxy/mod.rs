@@ -33,9 +33,13 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     response
 }
 
-/// Routes one client request.
+/// Routes one client request by its percent-decoded path, which is the path the engine routes
+/// by: `/%73lots/0` must not slip past the checks that `/slots/0` meets.
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<ResponseBody> {
-    let path = request.uri().path().to_string();
+    let Ok(path) = percent_encoding::percent_decode_str(request.uri().path()).decode_utf8().map(|path| path.into_owned()) else {
+        return ApiError::invalid_value("path", format!("the request path {} is not valid UTF-8 once percent-decoded", request.uri().path()))
+            .into_response();
+    };
     match (request.method(), path.as_str()) {
         (_, "/healthz") => health(),
         (_, "/readyz") => readiness(&app),
@@ -49,7 +53,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         (method, path) => match Endpoint::from_path(path) {
             Some(endpoint) if method == http::Method::POST => completion::handle(app, request, endpoint).await,
             Some(_) if method != http::Method::OPTIONS => ApiError::method_not_allowed(method, path).into_response(),
-            _ => passthrough::forward(&app, request).await,
+            _ => passthrough::forward(&app, request, &path).await,
         },
     }
 }
