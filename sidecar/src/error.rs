@@ -62,6 +62,16 @@ impl ApiError {
         }
     }
 
+    pub fn body_timeout(after: std::time::Duration) -> ApiError {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            kind: "invalid_request_error",
+            code: "body_timeout",
+            param: None,
+            message: format!("the request body did not arrive within {}; send it faster or raise server.body_timeout", humantime::format_duration(after)),
+        }
+    }
+
     pub fn unknown_model(requested: &str, known: &[String]) -> ApiError {
         ApiError {
             status: StatusCode::NOT_FOUND,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -59,9 +59,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let monitor = tokio::spawn(monitor::run(app.clone(), stop.clone()));
     let access = tokio::spawn(flush_access(store.clone(), stop.clone()));
     let client_app = app.clone();
-    let client = tokio::spawn(accept(client_listener, stop.clone(), move |request| proxy::handle(client_app.clone(), request)));
+    let header_timeout = app.config.server.header_timeout;
+    let client = tokio::spawn(accept(client_listener, stop.clone(), header_timeout, move |request| proxy::handle(client_app.clone(), request)));
     let admin_app = app.clone();
-    let admin = tokio::spawn(accept(admin_listener, stop.clone(), move |request| admin::handle(admin_app.clone(), request)));
+    let admin = tokio::spawn(accept(admin_listener, stop.clone(), header_timeout, move |request| admin::handle(admin_app.clone(), request)));
 
     shutdown.await;
     tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections, draining requests");
@@ -104,13 +105,17 @@ fn local_addr(listener: &TcpListener) -> String {
 }
 
 /// Accepts connections until `stop` changes, then waits for open connections to finish.
-async fn accept<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+async fn accept<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, header_timeout: std::time::Duration, handler: F)
 where
     F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = http::Response<ResponseBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper applies no timeouts, and a client that sends half a request or
+    // nothing at all holds its connection forever.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(header_timeout).keep_alive_timeout(header_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -129,10 +134,21 @@ where
             let handler = handler.clone();
             async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let watched = graceful.watch(connection);
+        // hyper's header timeout starts once it has read the first bytes (the HTTP/1 or HTTP/2
+        // preface), so a connection that sends nothing is closed here.
+        let builder = builder.clone();
+        let graceful_watch = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(error) = watched.await {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    tracing::debug!(client.addr = %peer, "connection sent no request within the header timeout; closing it");
+                    return;
+                }
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = graceful_watch.watch(connection).await {
                 tracing::debug!(client.addr = %peer, error = %error, "connection ended with an error");
             }
         });

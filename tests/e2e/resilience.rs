@@ -270,3 +270,40 @@ async fn engine_swapped_between_checks_never_mixes_kv() {
     assert_eq!(reply.json()["content"], expected, "the output equals the original model's cold output");
     assert_ne!(reply.header("x-kvsidecar-cache-source"), Some("local"));
 }
+
+#[tokio::test]
+async fn slow_clients_are_timed_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let mut spec = ws.sidecar(&engine);
+    spec.env.push(("KVSIDECAR_SERVER_HEADER_TIMEOUT".into(), "500ms".into()));
+    spec.env.push(("KVSIDECAR_SERVER_BODY_TIMEOUT".into(), "500ms".into()));
+    let sidecar = Sidecar::start(&spec, &ws.logs()).await.unwrap();
+    let address = sidecar.url.trim_start_matches("http://").to_string();
+
+    // Reads what the server sends until it closes the connection, at most 10 seconds.
+    async fn read_until_closed(mut connection: tokio::net::TcpStream) -> String {
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), connection.read_to_end(&mut received)).await;
+        assert!(read.is_ok(), "the server kept the connection open");
+        String::from_utf8_lossy(&received).into_owned()
+    }
+
+    let idle = tokio::net::TcpStream::connect(&address).await.unwrap();
+    read_until_closed(idle).await;
+
+    let mut partial_headers = tokio::net::TcpStream::connect(&address).await.unwrap();
+    partial_headers.write_all(b"POST /completion HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    read_until_closed(partial_headers).await;
+
+    let mut partial_body = tokio::net::TcpStream::connect(&address).await.unwrap();
+    partial_body.write_all(b"POST /completion HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"pro").await.unwrap();
+    let answer = read_until_closed(partial_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+
+    let ok = post_json(&format!("{}/completion", sidecar.url), &json!({"prompt": tokens(70, 8), "n_predict": 1})).await.unwrap();
+    assert_eq!(ok.status, 200, "the sidecar still serves");
+}

@@ -183,6 +183,8 @@ impl Sources {
             admin_listen: r.get("server.admin_listen", "127.0.0.1:9090".parse().expect("literal address")),
             max_body: r.get("server.max_body", ByteSize::mib(32)),
             shutdown_grace: r.get("server.shutdown_grace", Duration::from_secs(10)),
+            header_timeout: r.get("server.header_timeout", Duration::from_secs(30)),
+            body_timeout: r.get("server.body_timeout", Duration::from_secs(60)),
         };
         let data_dir: PathBuf = r.get("store.data_dir", PathBuf::from("kvsidecar-data"));
         let engine = EngineConfig {
@@ -253,6 +255,8 @@ impl Sources {
             fail(self, "server.max_body", config.server.max_body.to_string(), "must be larger than 0");
         }
         for (path, value) in [
+            ("server.header_timeout", config.server.header_timeout),
+            ("server.body_timeout", config.server.body_timeout),
             ("engine.connect_timeout", config.engine.connect_timeout),
             ("engine.response_timeout", config.engine.response_timeout),
             ("engine.probe_interval", config.engine.probe_interval),

@@ -38,6 +38,11 @@ pub struct ServerConfig {
     pub max_body: ByteSize,
     /// Time given to in-flight requests to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Time a client has to send a request's headers, also while its connection waits idle for
+    /// the next request; past it the connection is closed.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request body; past it the request gets 408.
+    pub body_timeout: Duration,
 }
 
 /// Which KV-cache storage type the engine was started with (`-ctk` / `-ctv`).

@@ -51,6 +51,8 @@ impl Config {
             ("admin_listen", text(self.server.admin_listen)),
             ("max_body", size(self.server.max_body)),
             ("shutdown_grace", duration(self.server.shutdown_grace)),
+            ("header_timeout", duration(self.server.header_timeout)),
+            ("body_timeout", duration(self.server.body_timeout)),
         ]));
         let flash_attention = match self.engine.flash_attention {
             FlashAttention::On => "on",

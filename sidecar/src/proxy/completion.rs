@@ -62,7 +62,11 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
 
     // Parse: bounded body, valid JSON, the fields the cache depends on.
     let limit = app.config.server.max_body.as_u64();
-    let bytes = read_limited(body, limit as usize + 1).await.map_err(|_| ApiError::body_too_large(limit))?;
+    let within = app.config.server.body_timeout;
+    let bytes = tokio::time::timeout(within, read_limited(body, limit as usize + 1))
+        .await
+        .map_err(|_| ApiError::body_timeout(within))?
+        .map_err(|_| ApiError::body_too_large(limit))?;
     if bytes.len() as u64 > limit {
         return Err(ApiError::body_too_large(limit));
     }
@@ -352,7 +356,7 @@ fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
     let name = &app.config.request.tenant_header;
     let Some(value) = headers.get(name) else { return Ok(app.config.request.default_tenant.clone()) };
     match value.to_str() {
-        Ok(text) if !text.trim().is_empty() && text.len() <= MAX_TENANT_LEN => Ok(text.trim().to_string()),
+        Ok(text) if !text.is_empty() && text.len() <= MAX_TENANT_LEN && text.bytes().all(|byte| byte.is_ascii_graphic()) => Ok(text.to_string()),
         _ => Err(ApiError::invalid_value(
             name.as_str(),
             format!("invalid header {name}: a tenant id is 1 to {MAX_TENANT_LEN} visible ASCII characters"),

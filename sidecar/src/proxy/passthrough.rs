@@ -30,7 +30,11 @@ pub async fn forward(app: &App, request: Request<Incoming>, path: &str) -> Respo
     let runs_model = parts.method == Method::POST && !TEXT_ONLY.contains(&path);
     let body = if runs_model {
         let limit = app.config.server.max_body.as_u64();
-        let Ok(bytes) = read_limited(body, limit as usize + 1).await else {
+        let within = app.config.server.body_timeout;
+        let Ok(read) = tokio::time::timeout(within, read_limited(body, limit as usize + 1)).await else {
+            return ApiError::body_timeout(within).into_response();
+        };
+        let Ok(bytes) = read else {
             return ApiError::body_too_large(limit).into_response();
         };
         if bytes.len() as u64 > limit {

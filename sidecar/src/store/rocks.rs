@@ -24,6 +24,9 @@ const TOKENS: &str = "tokens";
 const BLOCKS: &str = "blocks";
 const CHUNKS: &str = "chunks";
 const INDEX: &str = "index";
+/// Ids of snapshots whose chunks are being written; an id left here by a crash marks chunks to
+/// delete at the next open, without reading any chunk.
+const PENDING: &str = "pending";
 
 /// Values at least this large go to blob files instead of SST files.
 const MIN_BLOB_SIZE: u64 = 4096;
@@ -115,28 +118,34 @@ impl Store {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        options.set_max_total_wal_size(64 << 20);
-        options.set_keep_log_file_num(4);
+        // Chunks bypass the WAL, so it only carries metadata; a small limit makes RocksDB flush
+        // the metadata families and drop old WAL files.
+        options.set_max_total_wal_size(8 << 20);
+        options.set_log_level(rocksdb::LogLevel::Warn);
+        options.set_max_log_file_size(1 << 20);
+        options.set_keep_log_file_num(2);
 
-        let mut chunk_options = Options::default();
-        chunk_options.set_enable_blob_files(true);
-        chunk_options.set_min_blob_size(MIN_BLOB_SIZE);
-        chunk_options.set_blob_file_size(config.max_snapshot.as_u64().max(64 << 20));
-        chunk_options.set_enable_blob_gc(true);
-        chunk_options.set_blob_gc_age_cutoff(1.0);
-        chunk_options.set_write_buffer_size(64 << 20);
-
-        let families = [META, TOKENS, BLOCKS, INDEX]
-            .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()))
-            .chain([ColumnFamilyDescriptor::new(CHUNKS, chunk_options)]);
-        let db = DB::open_cf_descriptors(&options, &path, families).map_err(|error| {
-            let mut reason = error.to_string();
-            if reason.contains("lock") {
-                reason.push_str("\nhint: another kvsidecar process is probably using this data dir; stop it or choose another --data-dir");
+        let families = Self::families(config).into_iter();
+        let families: Vec<ColumnFamilyDescriptor> = families.collect();
+        let db = match DB::open_cf_descriptors(&options, &path, families) {
+            Ok(db) => db,
+            // Snapshots are a cache: a damaged store is moved aside for inspection and replaced
+            // by an empty one, so the sidecar keeps serving.
+            Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => {
+                let aside = config.data_dir.join(format!("snapshots.damaged-{}", now_ms()));
+                tracing::error!(store.path = %path.display(), moved_to = %aside.display(), error = %error, "snapshot store is damaged; starting with an empty store");
+                std::fs::rename(&path, &aside).map_err(|rename| StoreError::Open { path: path.display().to_string(), reason: format!("{error}; moving it aside failed: {rename}") })?;
+                std::fs::create_dir_all(&path).map_err(|create| StoreError::Open { path: path.display().to_string(), reason: create.to_string() })?;
+                DB::open_cf_descriptors(&options, &path, Self::families(config)).map_err(|error| StoreError::Open { path: path.display().to_string(), reason: error.to_string() })?
             }
-            StoreError::Open { path: path.display().to_string(), reason }
-        })?;
+            Err(error) => {
+                let mut reason = error.to_string();
+                if reason.contains("lock") {
+                    reason.push_str("\nhint: another kvsidecar process is probably using this data dir; stop it or choose another --data-dir");
+                }
+                return Err(StoreError::Open { path: path.display().to_string(), reason });
+            }
+        };
 
         let store = Store {
             db,
@@ -154,6 +163,22 @@ impl Store {
         store.load_state()?;
         store.delete_orphan_chunks()?;
         Ok(store)
+    }
+
+    /// Returns the column families with their options; chunks go to blob files.
+    fn families(config: &StoreConfig) -> Vec<ColumnFamilyDescriptor> {
+        let mut chunk_options = Options::default();
+        chunk_options.set_enable_blob_files(true);
+        chunk_options.set_min_blob_size(MIN_BLOB_SIZE);
+        chunk_options.set_blob_file_size(config.max_snapshot.as_u64().max(64 << 20));
+        chunk_options.set_enable_blob_gc(true);
+        chunk_options.set_blob_gc_age_cutoff(1.0);
+        chunk_options.set_write_buffer_size(64 << 20);
+        [META, TOKENS, BLOCKS, INDEX, PENDING]
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()))
+            .chain([ColumnFamilyDescriptor::new(CHUNKS, chunk_options)])
+            .collect()
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -185,25 +210,30 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes chunks left by an insert that crashed before its commit.
+    /// Deletes chunks left by an insert that crashed before its commit, as listed in `pending`.
     fn delete_orphan_chunks(&self) -> Result<(), StoreError> {
-        let chunks = self.cf(CHUNKS);
         let mut orphans = Vec::new();
-        let mut iterator = self.db.raw_iterator_cf(chunks);
-        iterator.seek_to_first();
-        while let Some(key) = iterator.key() {
-            let Some(id) = key.get(..32).and_then(Digest::from_slice) else { break };
-            if self.db.get_pinned_cf(self.cf(META), id.0)?.is_none() {
+        for item in self.db.iterator_cf(self.cf(PENDING), IteratorMode::Start) {
+            let (key, _) = item?;
+            if let Some(id) = Digest::from_slice(&key) {
                 orphans.push(id);
             }
-            iterator.seek(id_end(&id));
         }
-        iterator.status()?;
         for id in &orphans {
-            tracing::warn!(snapshot.id = %id, "deleting chunks of a snapshot whose write did not commit");
-            self.db.delete_range_cf(chunks, chunk_key(id, 0), id_end(id))?;
-            self.db.compact_range_cf(chunks, Some(chunk_key(id, 0)), Some(id_end(id)));
+            if self.db.get_pinned_cf(self.cf(META), id.0)?.is_none() {
+                tracing::warn!(snapshot.id = %id, "deleting chunks of a snapshot whose write did not commit");
+                self.discard_chunks(id)?;
+            }
+            self.db.delete_cf(self.cf(PENDING), id.0)?;
         }
+        Ok(())
+    }
+
+    /// Deletes the chunks of `id` without reading them, and reclaims their space.
+    fn discard_chunks(&self, id: &Digest) -> Result<(), StoreError> {
+        let chunks = self.cf(CHUNKS);
+        self.db.delete_range_cf(chunks, chunk_key(id, 0), id_end(id))?;
+        self.db.compact_range_cf(chunks, Some(chunk_key(id, 0)), Some(id_end(id)));
         Ok(())
     }
 
@@ -301,6 +331,21 @@ impl Store {
             return Ok(None);
         }
 
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        self.db.put_cf_opt(self.cf(PENDING), new.id.0, [], &synced)?;
+        let written = self.write_snapshot(new, file, bytes, &synced);
+        if written.is_err() && self.discard_chunks(&new.id).is_ok() {
+            // When this cleanup fails, the pending marker stays and the next open deletes the chunks.
+            let _ = self.db.delete_cf(self.cf(PENDING), new.id.0);
+        }
+        written
+    }
+
+    /// Writes the chunks and commits the snapshot; `insert` handles failures.
+    fn write_snapshot(&self, new: &NewSnapshot, file: &Path, bytes: u64, synced: &WriteOptions) -> Result<Option<Vec<Digest>>, StoreError> {
+        let file_error = |source| StoreError::File { path: file.display().to_string(), source };
+
         // Step 1: the chunks, without the WAL, flushed into their own blob file.
         let chunks = self.cf(CHUNKS);
         let mut reader = std::fs::File::open(file).map_err(file_error)?;
@@ -359,9 +404,8 @@ impl Store {
         for (position, block) in new.block_hashes.iter().enumerate() {
             batch.put_cf(self.cf(INDEX), index_key(block, &new.id), (position as u32 + 1).to_be_bytes());
         }
-        let mut synced = WriteOptions::default();
-        synced.set_sync(true);
-        self.db.write_opt(batch, &synced)?;
+        batch.delete_cf(self.cf(PENDING), new.id.0);
+        self.db.write_opt(batch, synced)?;
 
         let mut state = self.lock_state();
         for victim in &victims {
@@ -464,7 +508,9 @@ impl Store {
 
         let start = chunk_key(&meta.id, 0);
         for item in self.db.iterator_cf(self.cf(CHUNKS), IteratorMode::From(&start, Direction::Forward)) {
-            let (key, value) = item?;
+            // RocksDB's own checks (blob CRC, a missing blob file) fail before the BLAKE3 check
+            // can, and they mean the same: this snapshot cannot be read whole.
+            let (key, value) = item.map_err(|error| corrupt(format!("chunk read failed: {error}")))?;
             if !key.starts_with(&meta.id.0) {
                 break;
             }
@@ -545,9 +591,39 @@ fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize
     Ok(filled)
 }
 
-/// Test support: damages one byte of a stored snapshot's first chunk, as a failing disk would.
+/// Test support: damage and interruptions that the real store cannot produce on demand.
 #[cfg(any(test, feature = "fault-injection"))]
 impl Store {
+    /// Writes the chunks of `new` and its pending marker, as an insert killed before its commit.
+    pub fn stage_without_commit(&self, new: &NewSnapshot, file: &Path) -> Result<(), StoreError> {
+        self.db.put_cf(self.cf(PENDING), new.id.0, [])?;
+        let bytes = std::fs::read(file).map_err(|source| StoreError::File { path: file.display().to_string(), source })?;
+        for (index, chunk) in bytes.chunks(self.chunk_size).enumerate() {
+            self.db.put_cf(self.cf(CHUNKS), chunk_key(&new.id, index as u32), chunk)?;
+        }
+        Ok(())
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.db.iterator_cf(self.cf(PENDING), IteratorMode::Start).count()
+    }
+
+    pub fn chunk_count(&self, id: &Digest) -> usize {
+        let start = chunk_key(id, 0);
+        self.db
+            .iterator_cf(self.cf(CHUNKS), IteratorMode::From(&start, Direction::Forward))
+            .take_while(|item| item.as_ref().is_ok_and(|(key, _)| key.starts_with(&id.0)))
+            .count()
+    }
+
+    /// Deletes the last chunk of a snapshot, as a truncated store would lose it.
+    pub fn drop_last_chunk(&self, id: &Digest) -> Result<(), StoreError> {
+        let meta = self.meta(id)?.ok_or(StoreError::NotFound(*id))?;
+        self.db.delete_cf(self.cf(CHUNKS), chunk_key(id, meta.chunks - 1))?;
+        Ok(())
+    }
+
+    /// Damages one byte of a stored snapshot's first chunk, as a failing disk would.
     pub fn corrupt_first_chunk(&self, id: &Digest) -> Result<(), StoreError> {
         let chunks = self.cf(CHUNKS);
         let key = chunk_key(id, 0);

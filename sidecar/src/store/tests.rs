@@ -126,3 +126,60 @@ fn oversized_snapshot_rejected() {
     assert!(matches!(store.insert(&new, &file), Err(StoreError::TooLarge { setting: "store.capacity", .. })));
     assert_eq!(store.stats().entries, 0);
 }
+
+#[test]
+fn interrupted_write_is_cleaned_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (new, file) = snapshot(dir.path(), "a.bin", (0..8).collect(), 9000);
+    {
+        let store = Store::open(&config(dir.path(), 1 << 30)).unwrap();
+        store.stage_without_commit(&new, &file).unwrap();
+        assert!(!store.contains(&new.id), "staged chunks are not a snapshot");
+    }
+    let store = Store::open(&config(dir.path(), 1 << 30)).unwrap();
+    assert!(!store.contains(&new.id));
+    assert_eq!(store.pending_count(), 0);
+    assert_eq!(store.chunk_count(&new.id), 0, "the chunks are gone");
+    assert_eq!(store.insert(&new, &file).unwrap(), Some(Vec::new()), "the same snapshot can be stored again");
+}
+
+#[test]
+fn unreadable_chunk_is_corrupt_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path(), 1 << 30)).unwrap();
+    let (new, file) = snapshot(dir.path(), "a.bin", (0..8).collect(), 9000);
+    store.insert(&new, &file).unwrap();
+    store.drop_last_chunk(&new.id).unwrap();
+
+    let out = dir.path().join("out.bin");
+    assert!(matches!(store.read_into(&new.id, &out), Err(StoreError::Corrupt { .. })), "a truncated snapshot is corrupt");
+    assert!(!store.contains(&new.id));
+}
+
+#[test]
+fn damaged_blob_file_is_a_miss_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (new, file) = snapshot(dir.path(), "a.bin", (0..8).collect(), 50_000);
+    {
+        let store = Store::open(&config(dir.path(), 1 << 30)).unwrap();
+        store.insert(&new, &file).unwrap();
+    }
+    let blobs: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "blob"))
+        .collect();
+    assert!(!blobs.is_empty(), "chunks are kept in blob files");
+    for blob in &blobs {
+        let mut bytes = std::fs::read(blob).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        std::fs::write(blob, bytes).unwrap();
+    }
+
+    let store = Store::open(&config(dir.path(), 1 << 30)).expect("a damaged blob does not stop the store from opening");
+    let out = dir.path().join("out.bin");
+    assert!(matches!(store.read_into(&new.id, &out), Err(StoreError::Corrupt { .. })));
+    assert!(!store.contains(&new.id), "the damaged snapshot is deleted");
+}
