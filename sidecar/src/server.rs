@@ -113,7 +113,7 @@ where
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper applies no timeouts, and a client that sends half a request or
-    // nothing at all holds its connection forever.
+    // nothing at all keeps its connection open forever.
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(header_timeout).keep_alive_timeout(header_timeout);
     loop {

@@ -13,6 +13,9 @@ const CONTEXT: &str = "kvsidecar model fingerprint v1";
 
 /// Everything the fingerprint binds. Each field changes the KV an engine computes or the layout
 /// of its slot files; two engines with equal inputs can exchange snapshots.
+///
+/// NOTE: llama-server does not report RoPE settings (`--rope-freq-base`, `--rope-scale`), so an
+/// engine restarted with other RoPE settings and the same model gets the same fingerprint.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FingerprintInputs {
     /// Engine family, such as `llama.cpp`.

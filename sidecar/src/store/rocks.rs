@@ -24,8 +24,8 @@ const TOKENS: &str = "tokens";
 const BLOCKS: &str = "blocks";
 const CHUNKS: &str = "chunks";
 const INDEX: &str = "index";
-/// Ids of snapshots whose chunks are being written; an id left here by a crash marks chunks to
-/// delete at the next open, without reading any chunk.
+/// Ids of snapshots whose chunks are being written. An id that a crash leaves here names chunks
+/// that the next open deletes without reading them.
 const PENDING: &str = "pending";
 
 /// Values at least this large go to blob files instead of SST files.
