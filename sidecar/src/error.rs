@@ -112,6 +112,19 @@ impl ApiError {
         }
     }
 
+    pub fn not_passed_through(method: &http::Method, path: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            kind: "invalid_request_error",
+            code: "not_passed_through",
+            param: None,
+            message: format!(
+                "{method} {path} is not passed through: the engine would place it in a slot that may hold another tenant's KV; \
+                 use /v1/chat/completions, /v1/completions or /completion"
+            ),
+        }
+    }
+
     pub fn forbidden(path: &str, reason: &str) -> ApiError {
         ApiError {
             status: StatusCode::FORBIDDEN,

@@ -28,7 +28,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 Ok(info) => {
                     generation += 1;
                     let slots = Slots::new(info.total_slots);
-                    slots.set_foreign(0, info.slot0_tokens.clone());
+                    // The probe's completions ran in slot 0, so its contents belong to no request.
+                    slots.set_foreign(0, Vec::new());
                     tracing::info!(
                         engine.url = %app.config.engine.url,
                         engine.model = %info.model_id,

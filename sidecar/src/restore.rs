@@ -16,7 +16,8 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
         Ok(Some(meta)) => meta,
         Ok(None) => return None,
         Err(error) => {
-            tracing::warn!(snapshot.id = %id, error = %error, "failed to read snapshot metadata; computing the prompt instead");
+            app.store.discard_unreadable(&id, &format!("metadata read failed: {error}"));
+            Counters::add(&app.counters.restores_failed, 1);
             return None;
         }
     };
@@ -27,12 +28,13 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
     let tokens = match app.store.tokens(&id) {
         Ok(tokens) if tokens.len() == meta.tokens as usize => tokens,
         Ok(tokens) => {
-            tracing::warn!(snapshot.id = %id, stored = tokens.len(), expected = meta.tokens, "snapshot token list does not match its metadata; deleting it");
-            let _ = app.store.delete(&[id]);
+            app.store.discard_unreadable(&id, &format!("{} stored tokens, metadata says {}", tokens.len(), meta.tokens));
+            Counters::add(&app.counters.restores_failed, 1);
             return None;
         }
         Err(error) => {
-            tracing::warn!(snapshot.id = %id, error = %error, "failed to read snapshot tokens; computing the prompt instead");
+            app.store.discard_unreadable(&id, &format!("token list read failed: {error}"));
+            Counters::add(&app.counters.restores_failed, 1);
             return None;
         }
     };

@@ -54,6 +54,21 @@ async fn invalid_requests_named_and_rejected() {
     let stats = sidecar.stats().await;
     assert_eq!(stats["requests"]["client_disconnects"], 0, "{stats}");
 
+    // Engine endpoints where tenants cannot be kept apart are not passed through.
+    let messages = json!({"model": "x", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    assert_error(&post_raw(&format!("{}/v1/messages", sidecar.url), messages).await, 501, "not_passed_through", None);
+
+    // Two tenant headers would let a client pick its tenant behind an appending gateway.
+    let two_tenants = send(
+        http::Method::POST,
+        &completions,
+        json!({"prompt": "x"}).to_string().into(),
+        &[("content-type", "application/json"), ("x-kvsidecar-tenant", "a"), ("x-kvsidecar-tenant", "b")],
+    )
+    .await
+    .unwrap();
+    assert_error(&two_tenants, 400, "invalid_value", Some("x-kvsidecar-tenant"));
+
     // A slot the engine does not have is rejected before anything reaches the engine.
     let wrong_slot = json!({"prompt": tokens(1, 10), "id_slot": 5}).to_string();
     assert_error(&post_raw(&completions, wrong_slot).await, 400, "invalid_value", Some("id_slot"));

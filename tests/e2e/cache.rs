@@ -279,3 +279,43 @@ async fn encoded_paths_and_batches_stay_isolated() {
         assert_eq!(result["timings"]["cache_n"], 0, "a batch never reuses another tenant's slot: {result}");
     }
 }
+
+#[tokio::test]
+async fn same_named_model_with_other_weights_never_restores() {
+    let ws = Workspace::new();
+    let paths = kvsidecar_tests::paths();
+    // Two models that report the same alias, file name, size and shape, with different weights.
+    let first = ws.path("a").join("model.gguf");
+    std::fs::copy(&paths.tiny_model, &first).unwrap();
+    let second = ws.path("b").join("model.gguf");
+    let generator = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make_model.py");
+    let status = std::process::Command::new(&paths.python)
+        .arg(&generator)
+        .args(["--layers", "4", "--width", "256", "--kv-heads", "2", "--name", "kvsidecar-tiny", "--seed", "999", "--output"])
+        .arg(&second)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spec = |model: &std::path::Path| {
+        let mut spec = ws.tiny_engine(1);
+        spec.model = model.to_path_buf();
+        spec.extra = vec!["--alias".into(), "same".into()];
+        spec
+    };
+    let prompt = tokens(80, 600);
+    {
+        let engine = Engine::start(&spec(&first), &ws.logs()).await.unwrap();
+        let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+        complete(&sidecar, &prompt).await;
+        wait_saved(&sidecar, 1).await;
+    }
+
+    let engine = Engine::start(&spec(&second), &ws.logs()).await.unwrap();
+    let expected = post_json(&format!("{}/completion", engine.url), &json!({"prompt": prompt, "n_predict": 8, "temperature": 0.0})).await.unwrap();
+    let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
+    let reply = complete(&sidecar, &prompt).await;
+
+    assert_eq!(reply.cache_source(), "none", "the other weights give another fingerprint");
+    assert_eq!(content(&reply), content(&expected));
+    assert_eq!(sidecar.stats().await["requests"]["restores"], 0);
+}

@@ -14,7 +14,9 @@ const CONTEXT: &str = "kvsidecar model fingerprint v1";
 /// Everything the fingerprint binds. Each field changes the KV an engine computes or the layout
 /// of its slot files; two engines with equal inputs can exchange snapshots.
 ///
-/// NOTE: llama-server does not report RoPE settings (`--rope-freq-base`, `--rope-scale`), so an
+/// NOTE: `probe_output` is measured only when the engine is probed, and the identity checks
+/// between probes compare the reported fields alone.
+/// llama-server does not report RoPE settings (`--rope-freq-base`, `--rope-scale`), so an
 /// engine restarted with other RoPE settings and the same model gets the same fingerprint.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FingerprintInputs {
@@ -47,6 +49,9 @@ pub struct FingerprintInputs {
     /// transposed. A row size is the KV head count times the head width times the type size.
     /// None when the slot API is unavailable.
     pub layout: Option<KvLayout>,
+    /// Token ids the model generates greedily from a fixed prompt at probe time. They tell apart
+    /// models whose reported metadata is equal but whose weights differ.
+    pub probe_output: Vec<u32>,
 }
 
 impl FingerprintInputs {
@@ -55,6 +60,7 @@ impl FingerprintInputs {
     pub fn same_engine(&self, current: &FingerprintInputs) -> bool {
         let mut current = current.clone();
         current.layout = self.layout.clone();
+        current.probe_output = self.probe_output.clone();
         *self == current
     }
 }

@@ -68,6 +68,19 @@ impl LlamaCpp {
         Ok(summary)
     }
 
+    /// Generates a few tokens greedily from a fixed prompt in slot 0. Models of the same name and
+    /// shape with other weights answer differently, which the reported metadata cannot show.
+    async fn probe_output(&self) -> Result<Vec<u32>, EngineError> {
+        let prompt = self.tokenize(&json!("kvsidecar fingerprint probe: the cache")).await?;
+        let body = json!({
+            "prompt": prompt, "n_predict": 8, "id_slot": 0, "cache_prompt": false,
+            "temperature": 0.0, "top_k": 1, "ignore_eos": true, "return_tokens": true,
+        });
+        let answer = self.client.json(Method::POST, "/completion", Some(&body), self.slot_timeout).await?;
+        let tokens = answer.get("tokens").and_then(Value::as_array).ok_or_else(|| invalid("/completion", "missing tokens array"))?;
+        Ok(tokens.iter().filter_map(|token| token.as_u64().and_then(|id| u32::try_from(id).ok())).collect())
+    }
+
     async fn save_and_parse(&self, name: &str, path: &PathBuf) -> Result<SlotFileSummary, EngineError> {
         match self.save_slot(0, name).await {
             Err(EngineError::Status { message, .. }) if message.contains("slot-save-path") => {
@@ -114,6 +127,7 @@ impl Engine for LlamaCpp {
             Err(error) => return Err(error),
         };
         inputs.layout = layout;
+        inputs.probe_output = self.probe_output().await?;
 
         let to_u32 = |value: u64, what: &str| u32::try_from(value).map_err(|_| invalid("/props", &format!("{what} {value} is out of range")));
         Ok(EngineInfo {
@@ -155,6 +169,7 @@ impl Engine for LlamaCpp {
             flash_attention: self.config.flash_attention,
             unified_kv: self.config.unified_kv,
             layout: None,
+            probe_output: Vec::new(),
         })
     }
 

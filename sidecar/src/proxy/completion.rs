@@ -354,7 +354,12 @@ const MAX_TENANT_LEN: usize = 256;
 
 fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
     let name = &app.config.request.tenant_header;
-    let Some(value) = headers.get(name) else { return Ok(app.config.request.default_tenant.clone()) };
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else { return Ok(app.config.request.default_tenant.clone()) };
+    if values.next().is_some() {
+        // A gateway that appends the header instead of replacing it would let the client pick.
+        return Err(ApiError::invalid_value(name.as_str(), format!("header {name} appears more than once; send exactly one tenant id")));
+    }
     match value.to_str() {
         Ok(text) if !text.is_empty() && text.len() <= MAX_TENANT_LEN && text.bytes().all(|byte| byte.is_ascii_graphic()) => Ok(text.to_string()),
         _ => Err(ApiError::invalid_value(

@@ -109,8 +109,24 @@ fn id_end(id: &Digest) -> [u8; 36] {
 
 impl Store {
     /// Opens or creates the store under `config.data_dir`, deleting chunks that no committed
-    /// snapshot owns.
+    /// snapshot owns. Snapshots are a cache: a store that RocksDB finds damaged while opening or
+    /// loading it is moved aside for inspection and replaced by an empty one, so the sidecar keeps
+    /// serving.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        let path = config.data_dir.join("snapshots");
+        match Self::open_once(config) {
+            Err(StoreError::Db(error)) if error.kind() == rocksdb::ErrorKind::Corruption => {
+                let aside = config.data_dir.join(format!("snapshots.damaged-{}", now_ms()));
+                tracing::error!(store.path = %path.display(), moved_to = %aside.display(), error = %error, "snapshot store is damaged; starting with an empty store");
+                std::fs::rename(&path, &aside)
+                    .map_err(|rename| StoreError::Open { path: path.display().to_string(), reason: format!("{error}; moving it aside failed: {rename}") })?;
+                Self::open_once(config)
+            }
+            other => other,
+        }
+    }
+
+    fn open_once(config: &StoreConfig) -> Result<Store, StoreError> {
         let path = config.data_dir.join("snapshots");
         std::fs::create_dir_all(&path)
             .map_err(|error| StoreError::Open { path: path.display().to_string(), reason: error.to_string() })?;
@@ -124,20 +140,13 @@ impl Store {
         options.set_log_level(rocksdb::LogLevel::Warn);
         options.set_max_log_file_size(1 << 20);
         options.set_keep_log_file_num(2);
+        options.set_max_manifest_file_size(4 << 20);
 
         let families = Self::families(config).into_iter();
         let families: Vec<ColumnFamilyDescriptor> = families.collect();
         let db = match DB::open_cf_descriptors(&options, &path, families) {
             Ok(db) => db,
-            // Snapshots are a cache: a damaged store is moved aside for inspection and replaced
-            // by an empty one, so the sidecar keeps serving.
-            Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => {
-                let aside = config.data_dir.join(format!("snapshots.damaged-{}", now_ms()));
-                tracing::error!(store.path = %path.display(), moved_to = %aside.display(), error = %error, "snapshot store is damaged; starting with an empty store");
-                std::fs::rename(&path, &aside).map_err(|rename| StoreError::Open { path: path.display().to_string(), reason: format!("{error}; moving it aside failed: {rename}") })?;
-                std::fs::create_dir_all(&path).map_err(|create| StoreError::Open { path: path.display().to_string(), reason: create.to_string() })?;
-                DB::open_cf_descriptors(&options, &path, Self::families(config)).map_err(|error| StoreError::Open { path: path.display().to_string(), reason: error.to_string() })?
-            }
+            Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => return Err(StoreError::Db(error)),
             Err(error) => {
                 let mut reason = error.to_string();
                 if reason.contains("lock") {
@@ -536,6 +545,16 @@ impl Store {
             return Err(corrupt(format!("BLAKE3 digest {digest} does not match the stored {}", meta.digest)));
         }
         Ok(())
+    }
+
+    /// Deletes snapshot `id` after a read of its metadata or token list failed, and counts it as
+    /// corrupt. Deleting is best effort: a delete that fails leaves the snapshot for the next try.
+    pub fn discard_unreadable(&self, id: &Digest, reason: &str) {
+        tracing::warn!(snapshot.id = %id, reason = %reason, "stored snapshot is unreadable, deleting it");
+        self.corrupt_deleted.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = self.delete(&[*id]) {
+            tracing::warn!(snapshot.id = %id, error = %error, "failed to delete an unreadable snapshot");
+        }
     }
 
     /// Records a hit on the request path; the metadata is updated later by `flush_access`.

@@ -183,3 +183,26 @@ fn damaged_blob_file_is_a_miss_after_reopen() {
     assert!(matches!(store.read_into(&new.id, &out), Err(StoreError::Corrupt { .. })));
     assert!(!store.contains(&new.id), "the damaged snapshot is deleted");
 }
+
+#[test]
+fn damaged_metadata_files_never_stop_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (new, file) = snapshot(dir.path(), "a.bin", (0..8).collect(), 50_000);
+    {
+        let store = Store::open(&config(dir.path(), 1 << 30)).unwrap();
+        store.insert(&new, &file).unwrap();
+    }
+    for entry in std::fs::read_dir(dir.path().join("snapshots")).unwrap().filter_map(Result::ok) {
+        if entry.path().extension().is_some_and(|ext| ext == "sst") {
+            let mut bytes = std::fs::read(entry.path()).unwrap();
+            bytes[0] ^= 0x01;
+            std::fs::write(entry.path(), bytes).unwrap();
+        }
+    }
+
+    let store = Store::open(&config(dir.path(), 1 << 30)).expect("a damaged store is replaced, not fatal");
+    let out = dir.path().join("out.bin");
+    assert!(store.read_into(&new.id, &out).is_err(), "nothing damaged is served");
+    let (other, other_file) = snapshot(dir.path(), "b.bin", (100..108).collect(), 5000);
+    assert_eq!(store.insert(&other, &other_file).unwrap(), Some(Vec::new()), "the store accepts new snapshots");
+}
