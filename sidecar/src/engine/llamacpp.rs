@@ -69,7 +69,7 @@ impl LlamaCpp {
     }
 
     /// Generates a few tokens greedily from a fixed prompt in slot 0. Models of the same name and
-    /// shape with other weights answer differently, which the reported metadata cannot show.
+    /// shape with other weights generate other tokens, which the reported metadata cannot show.
     async fn probe_output(&self) -> Result<Vec<u32>, EngineError> {
         let prompt = self.tokenize(&json!("kvsidecar fingerprint probe: the cache")).await?;
         let body = json!({

@@ -53,7 +53,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         (method, path) => match Endpoint::from_path(path) {
             Some(endpoint) if method == http::Method::POST => completion::handle(app, request, endpoint).await,
             Some(_) if method != http::Method::OPTIONS => ApiError::method_not_allowed(method, path).into_response(),
-            _ => passthrough::forward(&app, request, &path).await,
+            _ => passthrough::forward(&app, request, path).await,
         },
     }
 }

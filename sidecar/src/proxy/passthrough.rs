@@ -1,9 +1,9 @@
 //! Pass-through of requests the sidecar does not cache (`/v1/models`, `/health`, `/tokenize`, ...).
 //!
 //! Reads and the engine's pure text endpoints are forwarded unchanged. Any other POST would run
-//! the model in a slot the engine picks itself and reuse whatever prefix that slot holds, possibly
-//! another tenant's; some engine endpoints (`/v1/messages`) ignore `cache_prompt: false`, so the
-//! sidecar cannot keep tenants apart there and rejects them.
+//! the model in a slot the engine picks itself and reuse whatever prefix that slot contains,
+//! possibly another tenant's. Some engine endpoints (`/v1/messages`) ignore `cache_prompt: false`,
+//! so the sidecar cannot keep tenants apart there and rejects them.
 
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
