@@ -121,9 +121,9 @@ impl Engine for LlamaCpp {
     async fn probe(&self) -> Result<EngineInfo, EngineError> {
         self.get("/health").await?;
         let mut inputs = self.identity().await?;
-        let (layout, slot0_tokens, snapshots_disabled) = match self.probe_layout().await {
-            Ok(summary) => (summary.layout, summary.tokens, None),
-            Err(EngineError::SlotApi(reason)) => (None, Vec::new(), Some(reason)),
+        let (layout, snapshots_disabled) = match self.probe_layout().await {
+            Ok(summary) => (summary.layout, None),
+            Err(EngineError::SlotApi(reason)) => (None, Some(reason)),
             Err(error) => return Err(error),
         };
         inputs.layout = layout;
@@ -138,7 +138,6 @@ impl Engine for LlamaCpp {
             fingerprint: Fingerprint::of(&inputs),
             fingerprint_inputs: inputs,
             snapshots_disabled,
-            slot0_tokens,
         })
     }
 

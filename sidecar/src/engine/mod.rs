@@ -51,8 +51,6 @@ pub struct EngineInfo {
     pub fingerprint_inputs: FingerprintInputs,
     /// Reason snapshots cannot be saved or restored on this engine, if there is one.
     pub snapshots_disabled: Option<String>,
-    /// Tokens in slot 0 when the engine was probed.
-    pub slot0_tokens: Vec<u32>,
 }
 
 /// Outcome of saving a slot to a file.
