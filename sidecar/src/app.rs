@@ -164,7 +164,15 @@ impl App {
     pub fn set_not_ready(&self, reason: String, unreachable: bool) {
         self.ready.store(None);
         self.not_ready.store(Some(Arc::new(NotReady { reason, unreachable })));
-        self.probe_now.notify_one();
+    }
+
+    /// Marks the engine not ready because a request found it changed, and wakes the monitor to
+    /// probe it now. The monitor itself uses `set_not_ready`, so a failing probe never wakes it.
+    pub fn reprobe(&self, ready: &Ready, reason: &str) {
+        if self.ready().is_some_and(|now| now.generation == ready.generation) {
+            self.set_not_ready(reason.into(), false);
+            self.probe_now.notify_one();
+        }
     }
 
     /// Checks that the engine is still the one `ready` describes. An engine replaced between two
@@ -176,9 +184,7 @@ impl App {
             Ok(current) if ready.info.fingerprint_inputs.same_engine(&current) => true,
             Ok(_) => {
                 tracing::warn!(engine.generation = ready.generation, "engine model or settings changed since it was probed; probing it again");
-                if self.ready().is_some_and(|now| now.generation == ready.generation) {
-                    self.set_not_ready("engine changed since it was probed".into(), false);
-                }
+                self.reprobe(ready, "engine changed since it was probed");
                 false
             }
             Err(error) => {

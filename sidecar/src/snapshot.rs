@@ -58,9 +58,7 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
     if summary.layout != ready.info.fingerprint_inputs.layout {
         tracing::warn!(slot, file = %name, "slot file KV layout differs from the engine's probed layout; no snapshot taken, probing the engine again");
         Counters::add(&app.counters.snapshots_failed, 1);
-        if app.ready().is_some_and(|now| now.generation == ready.generation) {
-            app.set_not_ready("engine KV layout changed since it was probed".into(), false);
-        }
+        app.reprobe(ready, "engine KV layout changed since it was probed");
         remove().await;
         return;
     }
