@@ -19,9 +19,14 @@ read -r -a replay_args <<<"${REPLAY_ARGS:---sessions 12 --requests 1000 --block-
 work="$(mktemp -d -t kvsidecar-demo-XXXXXX)"
 pids=()
 cleanup() {
+  local status=$?
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
+  if ((status == 0)); then
+    rm -rf "$work"
+  else
+    echo "demo: failed; logs and results are kept in $work" >&2
+  fi
 }
 trap cleanup EXIT
 
@@ -46,7 +51,8 @@ start_engine() {
   wait_for "http://127.0.0.1:$port/health" "llama-server"
 }
 
-echo "== run 1: llama-server with kvsidecar in front"
+echo "== machine load before the runs (the comparison means little on a busy machine): $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== run 1: llama-server with kvsidecar in front (snapshot.min_tokens 128)"
 engine_port="$(free_port)"; sidecar_port="$(free_port)"; admin_port="$(free_port)"
 start_engine "$engine_port" "$work/engine-1.log"
 KVSIDECAR_SNAPSHOT_MIN_TOKENS=128 "$bin/kvsidecar" serve --engine "http://127.0.0.1:$engine_port" \

@@ -65,9 +65,22 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             continue;
         }
 
-        if !app.engine_unchanged(&ready).await {
-            last_task_id = None;
-            continue;
+        match app.engine.identity().await {
+            Ok(current) if ready.info.fingerprint_inputs.same_engine(&current) => {}
+            Ok(_) => {
+                tracing::warn!(engine.generation = ready.generation, "engine model or settings changed since it was probed; probing it again");
+                app.set_not_ready("engine changed since it was probed".into(), false);
+                last_task_id = None;
+                continue;
+            }
+            Err(error) => {
+                // An engine that answers its health check but not its identity is restarting or
+                // failing; probing it again is the safe way back.
+                tracing::warn!(engine.generation = ready.generation, error = %error, "engine identity check failed; probing it again");
+                app.set_not_ready(format!("engine identity check failed: {error}"), true);
+                last_task_id = None;
+                continue;
+            }
         }
 
         // Task ids only grow within one engine process, so a smaller maximum means a restart

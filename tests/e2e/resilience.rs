@@ -43,7 +43,7 @@ async fn slow_engine_times_out_with_504() {
 
     // The engine finishes or cancels the abandoned request on its own schedule; then a quick
     // request fits in the timeout again.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while get(&format!("{}/slots", engine.url)).await.unwrap().json()[0]["is_processing"] == true {
         assert!(Instant::now() < deadline, "engine still busy with the abandoned request");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -172,5 +172,8 @@ fn compare(a: &Run, b: &Run) {
     print_totals(a);
     print_totals(b);
     let total = |run: &Run| run.records.iter().map(|r| r.ttft_ms).sum::<f64>();
-    println!("time to first token, summed: {} {:.0} ms, {} {:.0} ms ({:.2}x)", a.label, total(a), b.label, total(b), total(b) / total(a).max(1e-9));
+    let ratio = total(b) / total(a).max(1e-9);
+    let verdict = if ratio >= 1.0 { format!("{} {ratio:.2} times faster", a.label) } else { format!("{} {:.2} times slower", a.label, 1.0 / ratio.max(1e-9)) };
+    println!("time to first token, summed: {} {:.0} ms, {} {:.0} ms: {verdict}", a.label, total(a), b.label, total(b));
+    println!("cached: prompt tokens the engine did not compute; source (sidecar runs only): none, slot or local (restored from the store)");
 }
