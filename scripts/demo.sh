@@ -3,7 +3,8 @@
 # it, and replays the start of the conversation trace through the sidecar. Then it replays the
 # same requests against a fresh llama-server without the sidecar and prints both runs side by side.
 #
-#   KVSIDECAR_TRACE     trace file (default ../shared/data/traces/conversation_trace.jsonl)
+#   KVSIDECAR_TRACE     trace file in the Mooncake format (default: the conversation trace in the
+#                       data folder beside the checkout)
 #   REPLAY_ARGS         extra arguments of `replay run` (default: see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
