@@ -159,7 +159,7 @@ impl ApiError {
     }
 
     /// Reshapes an engine's error response (`status`, JSON `body`) into the OpenAI error shape.
-    /// The engine's 4xx statuses are kept; its 5xx answers become 502.
+    /// The engine's 4xx statuses are kept, and its 5xx statuses become 502.
     pub fn engine_rejected(status: StatusCode, body: &[u8]) -> ApiError {
         let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
         let detail = parsed

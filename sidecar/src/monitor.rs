@@ -74,8 +74,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
             Err(error) => {
-                // An engine that answers its health check but not its identity is restarting or
-                // failing; probing it again is the safe way back.
+                // An engine that passes its health check but fails the identity check is restarting
+                // or failing, so it is probed again.
                 tracing::warn!(engine.generation = ready.generation, error = %error, "engine identity check failed; probing it again");
                 app.set_not_ready(format!("engine identity check failed: {error}"), true);
                 last_task_id = None;

@@ -288,14 +288,7 @@ async fn same_named_model_with_other_weights_never_restores() {
     let first = ws.path("a").join("model.gguf");
     std::fs::copy(&paths.tiny_model, &first).unwrap();
     let second = ws.path("b").join("model.gguf");
-    let generator = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make_model.py");
-    let status = std::process::Command::new(&paths.python)
-        .arg(&generator)
-        .args(["--layers", "4", "--width", "256", "--kv-heads", "2", "--name", "kvsidecar-tiny", "--seed", "999", "--output"])
-        .arg(&second)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    kvsidecar_tests::generate_tiny_model(&second, "kvsidecar-tiny", 999);
     let spec = |model: &std::path::Path| {
         let mut spec = ws.tiny_engine(1);
         spec.model = model.to_path_buf();

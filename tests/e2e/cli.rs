@@ -37,8 +37,8 @@ fn invalid_config_lists_every_key_and_exits_2() {
 #[test]
 fn busy_listen_address_fails_with_hint() {
     let ws = Workspace::new();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = taken.local_addr().unwrap().to_string();
+    let occupied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = occupied.local_addr().unwrap().to_string();
 
     let output = Command::new(sidecar_binary())
         .args(["serve", "--listen", &address, "--admin-listen", "127.0.0.1:0"])

@@ -220,18 +220,10 @@ async fn unshared_slot_folder_disables_snapshots_only() {
 #[tokio::test]
 async fn engine_swapped_between_checks_never_mixes_kv() {
     let ws = Workspace::new();
-    let paths = kvsidecar_tests::paths();
 
     // A second model of the same shape with other weights, at another path.
     let other = ws.dir.path().join("other.gguf");
-    let generator = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make_model.py");
-    let status = std::process::Command::new(&paths.python)
-        .arg(&generator)
-        .args(["--layers", "4", "--width", "256", "--kv-heads", "2", "--name", "other", "--seed", "999", "--output"])
-        .arg(&other)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    kvsidecar_tests::generate_tiny_model(&other, "other", 999);
 
     let prompt = tokens(50, 640);
     let mut longer = prompt.clone();

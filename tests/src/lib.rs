@@ -43,6 +43,20 @@ pub fn paths() -> Paths {
     paths
 }
 
+/// Writes a model of the tiny model's shape (4 layers, width 256, 2 KV heads) with the random
+/// weights of `seed` to `output`, using the project's generator, so that a test can run an engine
+/// whose metadata matches the tiny model's but whose weights differ.
+pub fn generate_tiny_model(output: &Path, name: &str, seed: u64) {
+    let generator = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make_model.py");
+    let status = Command::new(paths().python)
+        .arg(&generator)
+        .args(["--layers", "4", "--width", "256", "--kv-heads", "2", "--name", name, "--seed", &seed.to_string(), "--output"])
+        .arg(output)
+        .status()
+        .expect("run scripts/make_model.py");
+    assert!(status.success(), "scripts/make_model.py failed for {}", output.display());
+}
+
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     free_ports::<1>()[0]

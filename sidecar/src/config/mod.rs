@@ -45,7 +45,7 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
 }
 
-/// Which KV-cache storage type the engine was started with (`-ctk` / `-ctv`).
+/// KV-cache storage type the engine was started with (`-ctk` / `-ctv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KvCacheType {
@@ -94,7 +94,7 @@ pub struct EngineConfig {
     pub model_aliases: Vec<String>,
 }
 
-/// How requests are attributed to tenants.
+/// Attribution of requests to tenants.
 #[derive(Debug, Clone)]
 pub struct RequestConfig {
     /// Header that carries the tenant id.

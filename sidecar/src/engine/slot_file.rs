@@ -28,7 +28,7 @@ pub const VERSION: u32 = 3;
 const TOKEN_STATE_MARKER: i32 = -1;
 const TOKEN_STATE_VERSION: u32 = 1;
 
-/// Why a slot file was rejected.
+/// Reason a slot file was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotFileError {
     #[error("failed to read slot file: {0}")]
@@ -63,14 +63,14 @@ pub struct KvLayout {
     pub values: Vec<RowLayout>,
 }
 
-/// What a slot file contains, without its KV bytes.
+/// Contents of a slot file, without its KV bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotFileSummary {
     /// The token ids whose KV the file holds, in order.
     pub tokens: Vec<u32>,
     /// Number of KV cells stored; equals the token count for a text-only slot.
     pub cells: u32,
-    /// None when the file holds no cells (an empty slot).
+    /// None when the file contains no cells (an empty slot).
     pub layout: Option<KvLayout>,
     /// Total file length in bytes.
     pub len: u64,

@@ -126,9 +126,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     if !reusable {
         // The slot may contain another tenant's or salt's KV, and the engine would reuse any
         // common prefix of it, so this request is computed in full.
-        if let Some(object) = parsed.body.as_object_mut() {
-            object.insert("cache_prompt".into(), serde_json::Value::Bool(false));
-        }
+        disable_prompt_cache(&mut parsed.body);
     }
     let reuse = parsed.body.get("cache_prompt").and_then(serde_json::Value::as_bool).unwrap_or(true);
     let cached = if reuse { common.min(tokens.len().saturating_sub(1)) as u32 } else { 0 };
@@ -159,7 +157,7 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let success = head.status.is_success();
-    let plan = in_flight.plan();
+    let plan = in_flight.summary();
 
     if parsed.stream && success {
         // NOTE: stream headers leave before the engine reports its reuse, so they carry the
@@ -201,7 +199,7 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
     Ok(Response::from_parts(head, full(bytes)))
 }
 
-/// A forwarded request that still holds its slot. hyper drops the request's future when the
+/// A forwarded request that still owns its slot lease. hyper drops the request's future when the
 /// client disconnects, and with it this value, which then records the request as aborted and
 /// closes the engine connection.
 ///
@@ -211,7 +209,8 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
 struct InFlight {
     app: Arc<App>,
     ready: Arc<Ready>,
-    held: Option<(SlotLease, Plan)>,
+    /// The slot lease and the plan, until `finish` or the drop consumes them.
+    pending: Option<(SlotLease, Plan)>,
     summary: PlanSummary,
 }
 
@@ -226,15 +225,15 @@ struct PlanSummary {
 impl InFlight {
     fn new(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan) -> InFlight {
         let summary = PlanSummary { source: plan.source, cached: plan.cached, prompt_tokens: plan.tokens.len() };
-        InFlight { app: app.clone(), ready, held: Some((lease, plan)), summary }
+        InFlight { app: app.clone(), ready, pending: Some((lease, plan)), summary }
     }
 
-    fn plan(&self) -> PlanSummary {
+    fn summary(&self) -> PlanSummary {
         self.summary
     }
 
     fn finish(mut self, outcome: Outcome) {
-        if let Some((lease, plan)) = self.held.take() {
+        if let Some((lease, plan)) = self.pending.take() {
             finish(self.app.clone(), self.ready.clone(), lease, plan, outcome);
         }
     }
@@ -242,7 +241,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some((lease, plan)) = self.held.take() {
+        if let Some((lease, plan)) = self.pending.take() {
             tracing::debug!(slot = lease.slot, "client closed the connection before the response; engine request cancelled");
             finish(self.app.clone(), self.ready.clone(), lease, plan, Outcome::Aborted);
         }
@@ -318,9 +317,7 @@ fn upstream_request(app: &App, parsed: &CompletionRequest) -> Result<Request<cra
 /// in slots itself, so they must not reuse any slot's prefix, and the slots' contents become
 /// unknown.
 async fn forward_uncached(app: &App, mut parsed: CompletionRequest) -> Result<Response<ResponseBody>, ApiError> {
-    if let Some(object) = parsed.body.as_object_mut() {
-        object.insert("cache_prompt".into(), serde_json::Value::Bool(false));
-    }
+    disable_prompt_cache(&mut parsed.body);
     if let Some(ready) = app.ready() {
         ready.slots.set_all_foreign();
     }
@@ -330,6 +327,13 @@ async fn forward_uncached(app: &App, mut parsed: CompletionRequest) -> Result<Re
     set_cache_headers(&mut head.headers, CacheSource::None, 0);
     app.counters.count_source(CacheSource::None);
     Ok(Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed()))
+}
+
+/// Makes the engine compute the whole prompt instead of reusing its slot's prefix.
+fn disable_prompt_cache(body: &mut serde_json::Value) {
+    if let Some(object) = body.as_object_mut() {
+        object.insert("cache_prompt".into(), serde_json::Value::Bool(false));
+    }
 }
 
 fn set_cache_headers(headers: &mut http::HeaderMap, source: CacheSource, cached: u32) {

@@ -21,7 +21,7 @@ pub struct Access {
 type Producer_ = ringbuf::HeapProd<Access>;
 type Consumer_ = ringbuf::HeapCons<Access>;
 
-/// The access ring. `push` takes a short lock and never waits on I/O.
+/// The access ring. `push` takes a short in-memory lock and does no I/O.
 pub struct AccessLog {
     producer: Mutex<Producer_>,
     consumer: Mutex<Consumer_>,
