@@ -5,6 +5,7 @@
 #   scripts/bench.sh miss       the sidecar's own work on a miss, in process (criterion)
 #   scripts/bench.sh overhead   added latency on a miss, end to end with the tiny model
 #   scripts/bench.sh restore    TTFT cold versus restored, 2k/4k/8k tokens, demo model
+#   scripts/bench.sh plugins    Wasm router versus native, plugin swap time, latency during swaps
 #   scripts/bench.sh            all of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,12 +18,13 @@ run() {
     miss) cargo bench -p kvsidecar-benches --bench miss_path ;;
     overhead) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin proxy_overhead ;;
     restore) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin restore_ttft ;;
-    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead or restore" >&2; exit 2 ;;
+    plugins) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin plugin_overhead ;;
+    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore or plugins" >&2; exit 2 ;;
   esac
 }
 
 if (($#)); then
   for name in "$@"; do run "$name"; done
 else
-  for name in hashing miss overhead restore; do run "$name"; done
+  for name in hashing miss overhead restore plugins; do run "$name"; done
 fi

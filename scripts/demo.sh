@@ -13,6 +13,8 @@ kvsidecar_setup
 
 cargo build --release -p kvsidecar -p kvsidecar-benches
 bin="$CARGO_TARGET_DIR/release"
+# The shipped policy plugins, into the plugins folder beside the binary (the default plugins.dir).
+"$bin/kvsidecar" plugin build -- -p prefix-affinity -p least-loaded -p lru -p cost-aware -p min-tokens >/dev/null
 trace="${KVSIDECAR_TRACE:-../shared/data/traces/conversation_trace.jsonl}"
 # The requests of the trace's first 12 multi-turn conversations (36 requests), each 512-token
 # trace block scaled to 64 tokens, prompts cut to 3,008 tokens, at most 16 output tokens.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything kvsidecar's tests and demo need, once, into a cache outside the clone:
 # Debian build tools, a Python virtual environment, llama-server built from the llama-cpp-python
-# source package, and the generated test and demo models. Safe to run again: finished steps are skipped.
+# source package, the generated test and demo models, and the WebAssembly targets for plugins. Safe to run again: finished steps are skipped.
 #
 #   KVSIDECAR_CACHE  cache folder (default ~/.cache/kvsidecar)
 #
@@ -28,6 +28,15 @@ if ((${#missing[@]})); then
   "${sudo_cmd[@]}" apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# WebAssembly targets: plugins build for wasm32-unknown-unknown; one test plugin builds for
+# wasm32-wasip2 to check that WASI imports are rejected.
+for target in wasm32-unknown-unknown wasm32-wasip2; do
+  if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+    log "adding Rust target $target"
+    rustup target add "$target" >/dev/null
+  fi
+done
 
 # Python environment for the model generator, the OpenAI SDK tests and the demo.
 venv="$cache/venv"

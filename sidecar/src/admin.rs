@@ -1,5 +1,5 @@
-//! The admin API, served on its own listener (loopback by default): stored snapshots, counters
-//! and the engine's fingerprint inputs.
+//! The admin API, served on its own listener (loopback by default): stored snapshots, counters,
+//! the engine's fingerprint inputs, and the policy plugins.
 
 use std::sync::Arc;
 
@@ -8,22 +8,63 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::app::App;
+use crate::plugin::{Kind, Reloaded};
 use crate::proxy::{ResponseBody, health, json_response, readiness};
 
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<ResponseBody> {
-    if request.method() != http::Method::GET {
-        return json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": {"message": "the admin API accepts GET only", "code": "method_not_allowed"}}));
-    }
-    match request.uri().path() {
-        "/healthz" => health(),
-        "/readyz" => readiness(&app),
-        "/admin/stats" => stats(&app),
-        "/admin/snapshots" => snapshots(&app).await,
-        path => json_response(
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    match (method.as_str(), path.as_str()) {
+        ("POST", "/admin/plugins/reload") => reload(&app, request.uri().query()).await,
+        ("GET", "/healthz") => health(),
+        ("GET", "/readyz") => readiness(&app),
+        ("GET", "/admin/stats") => stats(&app),
+        ("GET", "/admin/snapshots") => snapshots(&app).await,
+        ("GET", "/admin/plugins") => json_response(StatusCode::OK, &app.plugins.describe()),
+        (_, "/admin/plugins/reload") => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": {"message": format!("{method} /admin/plugins/reload is not allowed; use POST"), "code": "method_not_allowed"}}),
+        ),
+        ("GET", _) => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats or /admin/snapshots"), "code": "not_found"}}),
+            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots or /admin/plugins"), "code": "not_found"}}),
+        ),
+        _ => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": {"message": format!("{method} {path} is not allowed; the admin API accepts GET, and POST on /admin/plugins/reload"), "code": "method_not_allowed"}}),
         ),
     }
+}
+
+/// Reloads the plugins whose files changed, or only the kind named by `?kind=`. Answers 200
+/// when every reload succeeded or had nothing to do, 422 when a new version was rejected (the
+/// previous one keeps serving).
+async fn reload(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
+    let kind = match query.map(|query| query.split('&').find_map(|pair| pair.strip_prefix("kind="))) {
+        None | Some(None) => None,
+        Some(Some("router")) => Some(Kind::Router),
+        Some(Some("evictor")) => Some(Kind::Evictor),
+        Some(Some("admission")) => Some(Kind::Admission),
+        Some(Some(other)) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": {"message": format!("unknown plugin kind {other:?}; use router, evictor or admission, or no kind to reload all"), "code": "invalid_value", "param": "kind"}}),
+            );
+        }
+    };
+    let plugins = app.plugins.clone();
+    let reloaded = tokio::task::spawn_blocking(move || match kind {
+        Some(kind) => vec![(kind, plugins.reload(kind))],
+        None => plugins.reload_all(),
+    })
+    .await;
+    let Ok(reloaded) = reloaded else {
+        return json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": "plugin reload task failed", "code": "internal_error"}}));
+    };
+    let failed = reloaded.iter().any(|(_, outcome)| matches!(outcome, Reloaded::Failed { .. }));
+    let results: Vec<_> = reloaded.into_iter().map(|(kind, outcome)| json!({"kind": kind, "result": outcome})).collect();
+    let status = if failed { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
+    json_response(status, &json!({"reloaded": results}))
 }
 
 fn stats(app: &App) -> Response<ResponseBody> {
@@ -39,7 +80,10 @@ fn stats(app: &App) -> Response<ResponseBody> {
         }),
         None => json!({"ready": false, "reason": app.not_ready_reason()}),
     };
-    json_response(StatusCode::OK, &json!({"engine": engine, "store": app.store.stats(), "requests": app.counters.snapshot()}))
+    json_response(
+        StatusCode::OK,
+        &json!({"engine": engine, "store": app.store.stats(), "requests": app.counters.snapshot(), "plugins": app.plugins.describe()["plugins"]}),
+    )
 }
 
 async fn snapshots(app: &Arc<App>) -> Response<ResponseBody> {

@@ -8,6 +8,8 @@ use arc_swap::ArcSwapOption;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::costs::Costs;
+use crate::plugin::Plugins;
 use crate::engine::{Engine, EngineInfo};
 use crate::error::ApiError;
 use crate::slots::Slots;
@@ -108,6 +110,8 @@ pub struct App {
     pub config: Config,
     pub engine: Arc<dyn Engine>,
     pub store: Arc<Store>,
+    pub plugins: Arc<Plugins>,
+    pub costs: Arc<Costs>,
     ready: ArcSwapOption<Ready>,
     /// Reason the engine is not ready, for `/readyz` and error responses.
     not_ready: ArcSwapOption<NotReady>,
@@ -123,11 +127,13 @@ pub struct App {
 const CONCURRENT_SNAPSHOTS: usize = 2;
 
 impl App {
-    pub fn new(config: Config, engine: Arc<dyn Engine>, store: Arc<Store>) -> App {
+    pub fn new(config: Config, engine: Arc<dyn Engine>, store: Arc<Store>, plugins: Arc<Plugins>, costs: Arc<Costs>) -> App {
         App {
             config,
             engine,
             store,
+            plugins,
+            costs,
             ready: ArcSwapOption::empty(),
             not_ready: ArcSwapOption::from_pointee(NotReady { reason: "engine not probed yet".into(), unreachable: false }),
             counters: Counters::default(),

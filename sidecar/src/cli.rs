@@ -18,6 +18,54 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (defaults, file, environment and flags) as TOML and exit.
     Config(ServeArgs),
+    /// Write, build and check policy plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+/// The kinds of policy plugin, as `--kind` spells them.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PluginKindArg {
+    Router,
+    Evictor,
+    Admission,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Create a policy crate with a working example policy and a native test.
+    New {
+        /// Crate name: lowercase letters, digits and hyphens.
+        name: String,
+        /// Which policy the crate implements.
+        #[arg(long, value_enum)]
+        kind: PluginKindArg,
+        /// Folder to create the crate in.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        path: PathBuf,
+        /// The kvsidecar SDK folder (default: the one this binary was built from).
+        #[arg(long, value_name = "DIR")]
+        sdk: Option<PathBuf>,
+    },
+    /// Build plugin crates for wasm32-unknown-unknown and write each as a component.
+    Build {
+        /// Folder for the components (default: the plugins folder beside this executable, which
+        /// is the default plugins.dir).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Arguments passed to `cargo build`, such as `--manifest-path my-router/Cargo.toml` or `-p name`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Check a component as the sidecar does before loading it, and print its kind, interface
+    /// version, imports and exports.
+    Check {
+        /// The component file.
+        file: PathBuf,
+        /// The plugin's config table as inline TOML, such as '{ imbalance = 2 }'.
+        #[arg(long, value_name = "TOML")]
+        config: Option<String>,
+    },
 }
 
 /// Options of `kvsidecar serve`. Each overrides the config file and `KVSIDECAR_*` variables.

@@ -92,6 +92,17 @@ impl ApiError {
         }
     }
 
+    /// A policy plugin failed and its `on_failure` setting is `reject`.
+    pub fn policy_failed(error: &crate::plugin::CallError) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: "policy_failed",
+            param: None,
+            message: format!("{error}; plugins.router.on_failure is \"reject\", so the request was not served. Retry, or set on_failure = \"fallback\""),
+        }
+    }
+
     pub fn engine_down(reason: &str) -> ApiError {
         ApiError {
             status: StatusCode::BAD_GATEWAY,

@@ -11,21 +11,24 @@
 //! | accept and route by path | [`server`], [`proxy`] |
 //! | parse and validate | [`request`], [`error`] |
 //! | identify the prefix | [`engine`] (template, tokenizer), [`prefix`] (block hashes) |
-//! | pick a slot | [`slots`] |
+//! | pick a slot | [`slots`], the router of [`plugin`] |
 //! | restore a stored snapshot | [`restore`], [`store`] |
 //! | forward and stream back | `proxy::completion` |
-//! | snapshot the slot afterwards | [`snapshot`], [`store`] |
+//! | snapshot the slot afterwards | the admission policy of [`plugin`], [`snapshot`], [`store`] (evicting through the evictor of [`plugin`]) |
 //!
 //! Around them: [`config`] and [`cli`] for start-up, [`monitor`] for engine readiness and
-//! restarts, [`admin`] for the loopback admin API, [`app`] for shared state.
+//! restarts, [`admin`] for the loopback admin API, [`app`] for shared state, [`costs`] for the
+//! cost estimates the policies receive.
 
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod costs;
 pub mod engine;
 pub mod error;
 pub mod monitor;
+pub mod plugin;
 pub mod prefix;
 pub mod proxy;
 pub mod request;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kvsidecar::cli::{Cli, Command};
+use kvsidecar::cli::{Cli, Command, PluginCommand, PluginKindArg};
+use kvsidecar::plugin::{Kind, tool};
 use kvsidecar::config::{self, Config, LogFormat};
 
 fn main() -> ExitCode {
@@ -20,6 +21,58 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(2),
         },
+        Command::Plugin(command) => plugin(command),
+    }
+}
+
+fn plugin(command: PluginCommand) -> ExitCode {
+    let result = match command {
+        PluginCommand::New { name, kind, path, sdk } => {
+            let kind = match kind {
+                PluginKindArg::Router => Kind::Router,
+                PluginKindArg::Evictor => Kind::Evictor,
+                PluginKindArg::Admission => Kind::Admission,
+            };
+            tool::scaffold(&name, kind, &path, sdk.as_deref()).map(|dir| {
+                println!("created {kind} plugin crate {}", dir.display());
+                println!("test it:  cargo test --manifest-path {}/Cargo.toml", dir.display());
+                println!("build it: kvsidecar plugin build --out DIR -- --manifest-path {}/Cargo.toml", dir.display());
+                true
+            })
+        }
+        PluginCommand::Build { out, cargo_args } => {
+            let out = out.unwrap_or_else(|| config::Config::defaults().plugins.dir);
+            tool::build(tool::TARGET, &cargo_args, &out).map(|written| {
+                for file in written {
+                    println!("{}", file.display());
+                }
+                true
+            })
+        }
+        PluginCommand::Check { file, config } => {
+            let table = match config.as_deref().map(|text| toml::from_str::<toml::Table>(&format!("config = {text}"))) {
+                None => Ok(toml::Table::new()),
+                Some(Ok(table)) => match table.get("config") {
+                    Some(toml::Value::Table(inner)) => Ok(inner.clone()),
+                    _ => Err(anyhow::anyhow!("--config must be an inline TOML table, such as '{{ imbalance = 2 }}'")),
+                },
+                Some(Err(error)) => Err(anyhow::anyhow!("--config is not an inline TOML table ({}); write it like '{{ imbalance = 2 }}'", error.message())),
+            };
+            table.and_then(|table| tool::check(&file, table)).map(|report| {
+                for (label, value) in &report.lines {
+                    println!("{label:<18} {value}");
+                }
+                report.ok
+            })
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -72,6 +72,7 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
         Ok(outcome) if outcome.tokens as usize == tokens.len() => {
             tracing::debug!(snapshot.id = %id, slot, tokens = outcome.tokens, restore_ms = outcome.elapsed.as_secs_f64() * 1000.0, "snapshot restored");
             Counters::add(&app.counters.restores, 1);
+            app.costs.observe_restore(u64::from(outcome.tokens), outcome.elapsed.as_secs_f64() * 1000.0);
             app.store.record_access(&id);
             ready.slots.set_tokens(slot, tokens.clone(), namespace);
             Some(tokens)

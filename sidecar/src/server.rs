@@ -16,6 +16,8 @@ use crate::app::App;
 use crate::engine::llamacpp::LlamaCpp;
 use crate::config::Config;
 use crate::proxy::ResponseBody;
+use crate::costs::Costs;
+use crate::plugin::{self, Plugins};
 use crate::store::Store;
 use crate::{admin, monitor, proxy};
 
@@ -28,6 +30,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("failed to create the slot folder {path}: {source}")]
     SlotDir { path: String, source: std::io::Error },
+    #[error("{0}\nhint: fix the plugin, point plugins.<kind>.file at another component, or set it to \"builtin\"")]
+    Plugin(#[from] crate::plugin::StartError),
 }
 
 /// Runs the sidecar until `shutdown` resolves, then drains connections for the grace period.
@@ -36,6 +40,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .map_err(|source| ServeError::SlotDir { path: config.engine.slot_dir.display().to_string(), source })?;
     remove_stale_slot_files(&config.engine.slot_dir);
     let store = Arc::new(Store::open(&config.store)?);
+    let plugin_config = config.clone();
+    let plugins = tokio::task::spawn_blocking(move || Plugins::load(&plugin_config))
+        .await
+        .map_err(|error| crate::plugin::StartError { kind: crate::plugin::Kind::Router, error: error.to_string() })??;
+    let plugins = Arc::new(plugins);
+    let costs = Arc::new(Costs::default());
+    plugins.evictor.attach(&store, costs.clone());
     let client_listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.server.listen, what: "client API", flag: "--listen", source })?;
@@ -45,7 +56,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     let engine = Arc::new(LlamaCpp::new(&config.engine));
     let grace = config.server.shutdown_grace;
-    let app = Arc::new(App::new(config, engine, store.clone()));
+    let watch_plugins = config.plugins.watch;
+    let app = Arc::new(App::new(config, engine, store.clone(), plugins.clone(), costs));
+    let watcher = if watch_plugins { plugin::watch(plugins) } else { None };
     let (stop_sender, stop) = watch::channel(false);
 
     tracing::info!(
@@ -77,6 +90,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     }
     let _ = monitor.await;
     let _ = access.await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     if let Err(error) = tokio::task::spawn_blocking(move || store.flush_access()).await {
         tracing::warn!(error = %error, "failed to write the last access records");
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex as SyncMutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -26,6 +26,8 @@ struct Slot {
     lock: Arc<Mutex<()>>,
     contents: SyncMutex<SlotContents>,
     last_used: AtomicU64,
+    /// Requests waiting for the lock.
+    waiting: AtomicU32,
 }
 
 /// The slot table of one engine process.
@@ -40,6 +42,20 @@ pub struct SlotLease {
     _guard: OwnedMutexGuard<()>,
 }
 
+/// A slot as the router sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotView {
+    pub slot: u32,
+    /// Tokens of the prompt the slot holds for the request's namespace.
+    pub common: usize,
+    /// Tokens the slot holds, of any namespace.
+    pub resident: usize,
+    /// Whether a request runs on the slot now.
+    pub busy: bool,
+    /// Requests waiting for the slot.
+    pub waiting: u32,
+}
+
 /// The slot chosen for a prompt and what it is expected to reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotChoice {
@@ -51,7 +67,7 @@ pub struct SlotChoice {
 impl Slots {
     pub fn new(count: u32) -> Slots {
         let slots = (0..count)
-            .map(|_| Slot { lock: Arc::new(Mutex::new(())), contents: SyncMutex::default(), last_used: AtomicU64::new(0) })
+            .map(|_| Slot { lock: Arc::new(Mutex::new(())), contents: SyncMutex::default(), last_used: AtomicU64::new(0), waiting: AtomicU32::new(0) })
             .collect();
         Slots { slots, clock: AtomicU64::new(1) }
     }
@@ -123,6 +139,25 @@ impl Slots {
             .collect()
     }
 
+    /// Returns each slot's state as the router sees it for `prompt`.
+    pub fn views(&self, prompt: &[u32], namespace: &Namespace) -> Vec<SlotView> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(id, slot)| {
+                let contents = lock(&slot.contents);
+                let owned = contents.owner.as_ref() == Some(namespace);
+                SlotView {
+                    slot: id as u32,
+                    common: if owned { common_prefix(&contents.tokens, prompt) } else { 0 },
+                    resident: contents.tokens.len(),
+                    busy: slot.lock.try_lock().is_err(),
+                    waiting: slot.waiting.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
     /// Chooses the slot for `prompt`: the one holding the longest common prefix, preferring a
     /// free slot on ties and then the least recently used.
     pub fn best_for(&self, prompt: &[u32], namespace: &Namespace) -> Option<SlotChoice> {
@@ -151,9 +186,21 @@ impl Slots {
     /// Waits until `slot` is free and takes it.
     pub async fn acquire(&self, slot: u32) -> Option<SlotLease> {
         let entry = self.slots.get(slot as usize)?;
+        entry.waiting.fetch_add(1, Ordering::Relaxed);
+        // Counted down even when the waiting request is cancelled.
+        let _waiting = Waiting(&entry.waiting);
         let guard = entry.lock.clone().lock_owned().await;
         entry.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         Some(SlotLease { slot, _guard: guard })
+    }
+}
+
+/// Decrements a waiting counter when dropped.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -92,6 +92,7 @@ pub async fn save(app: &Arc<App>, ready: &Arc<Ready>, lease: SlotLease, namespac
         Ok(Ok((_, None))) => tracing::debug!(snapshot.id = %id, slot, "snapshot already stored"),
         Ok(Ok((new, Some(evicted)))) => {
             Counters::add(&app.counters.snapshots_saved, 1);
+            app.costs.observe_snapshot(new.tokens.len() as u64, summary.len);
             tracing::debug!(snapshot.id = %new.id, slot, tokens = new.tokens.len(), bytes = summary.len, evicted = evicted.len(), "snapshot stored");
             for victim in evicted {
                 tracing::debug!(snapshot.id = %victim, reason = "capacity", "snapshot evicted");

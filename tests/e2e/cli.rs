@@ -36,6 +36,7 @@ fn invalid_config_lists_every_key_and_exits_2() {
 
 #[test]
 fn busy_listen_address_fails_with_hint() {
+    kvsidecar_tests::shipped_plugins();
     let ws = Workspace::new();
     let occupied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = occupied.local_addr().unwrap().to_string();
@@ -52,4 +53,38 @@ fn busy_listen_address_fails_with_hint() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("error: failed to listen on {address} (client API)")), "{stderr}");
     assert!(stderr.contains("hint: choose a free address with --listen"), "{stderr}");
+}
+
+#[test]
+fn plugin_new_build_and_check_make_a_loadable_router() {
+    let ws = Workspace::new();
+    let parent = ws.path("policies");
+    let run = |args: &[&str]| {
+        let output = Command::new(sidecar_binary()).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    };
+
+    let (ok, text) = run(&["plugin", "new", "my-router", "--kind", "router", "--path", parent.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let manifest = parent.join("my-router/Cargo.toml");
+    assert!(manifest.is_file(), "{text}");
+    let (ok, text) = run(&["plugin", "new", "my-router", "--kind", "router", "--path", parent.to_str().unwrap()]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    let (ok, text) = run(&["plugin", "new", "My Router", "--kind", "router", "--path", parent.to_str().unwrap()]);
+    assert!(!ok && text.contains("invalid plugin name"), "{text}");
+
+    let out = ws.path("components");
+    let (ok, text) = run(&["plugin", "build", "--out", out.to_str().unwrap(), "--", "--manifest-path", manifest.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{text}");
+    let component = out.join("my-router.wasm");
+    assert!(component.is_file(), "{text}");
+
+    let (ok, text) = run(&["plugin", "check", component.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    for expected in ["kind               router", "interface version  0.1.0", "imports            kvsidecar:policy/types@0.1.0", "exports            kvsidecar:policy/router@0.1.0", "plugin             my-router 0.1.0", "result             ok"] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let (ok, text) = run(&["plugin", "check", manifest.to_str().unwrap()]);
+    assert!(!ok && text.contains("not a valid WebAssembly component"), "{text}");
 }

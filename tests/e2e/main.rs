@@ -4,5 +4,7 @@
 mod bad_input;
 mod cache;
 mod cli;
+mod eviction;
 mod openai_sdk;
+mod plugins;
 mod resilience;

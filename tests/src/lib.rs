@@ -79,6 +79,49 @@ pub fn sidecar_binary() -> PathBuf {
     found.cloned().unwrap_or_else(|| panic!("{} not found; build the workspace first (cargo build --workspace)", candidates[1].display()))
 }
 
+/// The shipped policy plugins.
+pub const SHIPPED_PLUGINS: [&str; 5] = ["prefix-affinity", "least-loaded", "lru", "cost-aware", "min-tokens"];
+
+/// The test plugins of `tests/plugins` built for wasm32-unknown-unknown.
+pub const TEST_PLUGINS: [&str; 4] = ["pick-first", "pick-second", "faulty-router", "faulty-evictor"];
+
+/// Builds plugin crates of this workspace into components in `out`, once per process.
+fn build_plugins(target: &str, names: &[&str], out: &Path) {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut args = vec!["--manifest-path".to_string(), manifest.display().to_string(), "--quiet".to_string()];
+    for name in names {
+        args.extend(["-p".to_string(), name.to_string()]);
+    }
+    kvsidecar::plugin::tool::build(target, &args, out).unwrap_or_else(|error| panic!("building plugins {names:?} failed: {error:#}"));
+}
+
+/// Builds the shipped plugins from source into the folder `plugins` beside the kvsidecar
+/// binary, the default `plugins.dir`, and returns that folder.
+pub fn shipped_plugins() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = sidecar_binary().parent().expect("binary folder").join("plugins");
+            build_plugins(kvsidecar::plugin::tool::TARGET, &SHIPPED_PLUGINS, &dir);
+            dir
+        })
+        .clone()
+}
+
+/// Builds the test plugins from source and returns their folder. `wasi-router.wasm` there is
+/// built for wasm32-wasip2 and imports WASI.
+pub fn test_plugins() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = sidecar_binary().parent().expect("binary folder").join("test-plugins");
+            build_plugins(kvsidecar::plugin::tool::TARGET, &TEST_PLUGINS, &dir);
+            build_plugins("wasm32-wasip2", &["wasi-router"], &dir);
+            dir
+        })
+        .clone()
+}
+
 /// Returns `count` deterministic token ids for `seed`, drawn from ordinary text pieces of the
 /// generated vocabulary (ids 261 and up, past the control and byte tokens).
 pub fn tokens(seed: u64, count: usize) -> Vec<u32> {
@@ -129,6 +172,18 @@ impl Process {
 
     fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `within` for the process to exit by itself.
+    fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }
 
@@ -226,6 +281,8 @@ impl Sidecar {
 
     /// Starts the sidecar without waiting for it to be ready.
     pub fn spawn(spec: &SidecarSpec, logs: &Path) -> Result<Sidecar> {
+        // The default configuration runs the shipped plugins from the binary's plugins folder.
+        shipped_plugins();
         let [port, admin_port] = free_ports::<2>();
         let mut command = Command::new(sidecar_binary());
         command
@@ -238,6 +295,8 @@ impl Sidecar {
             .arg(&spec.slot_dir)
             .env("KVSIDECAR_LOG_LEVEL", "kvsidecar=debug,info")
             .env("KVSIDECAR_ENGINE_PROBE_INTERVAL", "200ms")
+            // Compiled plugins are keyed by their SHA-256, so tests share one cache.
+            .env("KVSIDECAR_PLUGINS_CACHE_DIR", sidecar_binary().parent().expect("binary folder").join("plugin-cache"))
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let log = logs.join(format!("kvsidecar-{port}.log"));
         let process = Process::spawn(&mut command, log)?;
@@ -286,6 +345,11 @@ impl Sidecar {
     /// Stops the sidecar with SIGTERM and returns its exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         self.process.terminate(Duration::from_secs(15))
+    }
+
+    /// Waits up to `within` for the sidecar to exit by itself, as it does on a start-up error.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.process.wait(within)
     }
 }
 

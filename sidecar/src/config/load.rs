@@ -9,14 +9,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    ByteSize, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat,
-    PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig,
+    ByteSize, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat, OnFailure,
+    PluginConfig, PluginsConfig, PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig,
 };
 
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "KVSIDECAR_";
 
-const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log"];
+const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins"];
+
+/// Tables inside a section whose keys are read one by one, as `plugins.router.file`.
+const SUBSECTIONS: &[&str] = &["plugins.router", "plugins.evictor", "plugins.admission"];
 
 /// `KVSIDECAR_*` variables that are not configuration keys: the project's setup and test
 /// scripts set them.
@@ -137,7 +140,15 @@ impl Sources {
             match content {
                 toml::Value::Table(keys) => {
                     for (key, value) in keys {
-                        self.set(&format!("{section}.{key}"), value, origin.clone());
+                        let path = format!("{section}.{key}");
+                        match value {
+                            toml::Value::Table(inner) if SUBSECTIONS.contains(&path.as_str()) => {
+                                for (key, value) in inner {
+                                    self.set(&format!("{path}.{key}"), value, origin.clone());
+                                }
+                            }
+                            value => self.set(&path, value, origin.clone()),
+                        }
                     }
                 }
                 other => self.issues.push(ConfigIssue {
@@ -170,7 +181,12 @@ impl Sources {
             return;
         };
         let key = &rest[section.len() + 1..];
-        self.set(&format!("{section}.{key}"), toml::Value::String(value), format!("environment {name}"));
+        let mut path = format!("{section}.{key}");
+        // KVSIDECAR_PLUGINS_ROUTER_FILE names plugins.router.file.
+        if let Some(subsection) = SUBSECTIONS.iter().find(|sub| path.strip_prefix(*sub).is_some_and(|tail| tail.starts_with('_'))) {
+            path = format!("{subsection}.{}", &path[subsection.len() + 1..]);
+        }
+        self.set(&path, toml::Value::String(value), format!("environment {name}"));
     }
 
     /// Reads every known key with its default, collecting issues, and then reports unknown keys.
@@ -211,6 +227,8 @@ impl Sources {
             capacity: r.get("store.capacity", ByteSize::gib(20)),
             chunk_size: r.get("store.chunk_size", ByteSize::mib(1)),
             max_snapshot: r.get("store.max_snapshot", ByteSize::gib(2)),
+            high_watermark: r.get("store.high_watermark", 0.95),
+            low_watermark: r.get("store.low_watermark", 0.85),
         };
         let snapshot = SnapshotConfig {
             min_tokens: r.get("snapshot.min_tokens", 256),
@@ -221,7 +239,26 @@ impl Sources {
             format: r.get("log.format", LogFormat::Human),
             log_prompts: r.get("log.log_prompts", false),
         };
-        let config = Config { server, engine, request, prefix, store, snapshot, log };
+        let mut plugin = |kind: &str, file: &str| PluginConfig {
+            file: r.get(&format!("plugins.{kind}.file"), PluginFile(Some(PathBuf::from(file)))).0,
+            on_failure: r.get(&format!("plugins.{kind}.on_failure"), OnFailure::Fallback),
+            config: r.get(&format!("plugins.{kind}.config"), toml::Table::new()),
+        };
+        let router = plugin("router", "prefix-affinity.wasm");
+        let evictor = plugin("evictor", "cost-aware.wasm");
+        let admission = plugin("admission", "min-tokens.wasm");
+        let plugins = PluginsConfig {
+            dir: r.get("plugins.dir", default_plugin_dir()),
+            cache_dir: r.get("plugins.cache_dir", store.data_dir.join("plugin-cache")),
+            deadline: r.get("plugins.deadline", Duration::from_millis(50)),
+            memory_limit: r.get("plugins.memory_limit", ByteSize::mib(64)),
+            watch: r.get("plugins.watch", true),
+            warn_interval: r.get("plugins.warn_interval", Duration::from_secs(10)),
+            router,
+            evictor,
+            admission,
+        };
+        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins };
 
         for (path, (value, origin)) in &self.values {
             if !used.contains(path) {
@@ -268,6 +305,19 @@ impl Sources {
         if config.request.default_tenant.is_empty() {
             fail(self, "request.default_tenant", "\"\"".into(), "must not be empty");
         }
+        let (low, high) = (config.store.low_watermark, config.store.high_watermark);
+        if !(0.0..=1.0).contains(&high) || high == 0.0 {
+            fail(self, "store.high_watermark", high.to_string(), "must be a fraction of store.capacity above 0 and at most 1, such as 0.95");
+        }
+        if !(0.0..=1.0).contains(&low) || low > high {
+            fail(self, "store.low_watermark", low.to_string(), "must be a fraction of store.capacity from 0 to store.high_watermark, such as 0.85");
+        }
+        if config.plugins.deadline.is_zero() || config.plugins.deadline > Duration::from_secs(10) {
+            fail(self, "plugins.deadline", humantime::format_duration(config.plugins.deadline).to_string(), "must be longer than 0s and at most 10s");
+        }
+        if config.plugins.memory_limit.as_u64() < 1 << 20 || config.plugins.memory_limit.as_u64() > 4 << 30 {
+            fail(self, "plugins.memory_limit", config.plugins.memory_limit.to_string(), "must be between 1 MiB and 4 GiB");
+        }
         if !valid_log_filter(&config.log.level) {
             fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
         }
@@ -285,6 +335,12 @@ fn valid_log_filter(filter: &str) -> bool {
         }
     });
     directives_valid && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
+}
+
+/// Returns the folder `plugins` beside the running executable, where `kvsidecar plugin build`
+/// puts the shipped plugins.
+fn default_plugin_dir() -> PathBuf {
+    std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join("plugins"))).unwrap_or_else(|| PathBuf::from("plugins"))
 }
 
 fn known_keys_rule(path: &str) -> String {
@@ -397,6 +453,50 @@ impl ConfigValue for PathBuf {
     }
 }
 
+impl ConfigValue for f64 {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a number such as 0.9".to_string();
+        let number = match value {
+            toml::Value::Float(n) => *n,
+            toml::Value::Integer(n) => *n as f64,
+            toml::Value::String(s) => s.trim().parse().map_err(|_| rule())?,
+            _ => return Err(rule()),
+        };
+        if number.is_finite() { Ok(number) } else { Err(rule()) }
+    }
+}
+
+/// A plugin file setting: a path, or `builtin` for the built-in policy.
+struct PluginFile(Option<PathBuf>);
+
+impl ConfigValue for PluginFile {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        match text(value).map(str::trim) {
+            Some("builtin") => Ok(PluginFile(None)),
+            Some(path) if !path.is_empty() => Ok(PluginFile(Some(PathBuf::from(path)))),
+            _ => Err("must be a component file such as \"prefix-affinity.wasm\", or \"builtin\" for the built-in policy".into()),
+        }
+    }
+}
+
+impl ConfigValue for toml::Table {
+    /// Accepts a TOML table, or from the environment its inline form (`{ imbalance = 2 }`).
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let rule = || "must be a table of the plugin's settings, such as { imbalance = 2 }".to_string();
+        match value {
+            toml::Value::Table(table) => Ok(table.clone()),
+            toml::Value::String(s) => {
+                let table: toml::Table = toml::from_str(&format!("config = {s}")).map_err(|_| rule())?;
+                match table.get("config") {
+                    Some(toml::Value::Table(inner)) => Ok(inner.clone()),
+                    _ => Err(rule()),
+                }
+            }
+            _ => Err(rule()),
+        }
+    }
+}
+
 impl ConfigValue for http::Uri {
     fn parse(value: &toml::Value) -> Result<Self, String> {
         let rule = || "must be a URL such as \"http://127.0.0.1:8081\"".to_string();
@@ -446,6 +546,7 @@ macro_rules! enum_value {
 enum_value!(KvCacheType, "f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1");
 enum_value!(FlashAttention, "on, off, auto");
 enum_value!(LogFormat, "human, json");
+enum_value!(OnFailure, "fallback, reject");
 
 #[cfg(test)]
 mod tests;

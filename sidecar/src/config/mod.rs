@@ -25,6 +25,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub snapshot: SnapshotConfig,
     pub log: LogConfig,
+    pub plugins: PluginsConfig,
 }
 
 /// Listeners and limits of the client-facing HTTP server.
@@ -121,6 +122,10 @@ pub struct StoreConfig {
     pub chunk_size: ByteSize,
     /// Largest single snapshot accepted; larger slot files are not stored.
     pub max_snapshot: ByteSize,
+    /// Fraction of the capacity above which an insert makes room, and the fraction it evicts
+    /// down to.
+    pub high_watermark: f64,
+    pub low_watermark: f64,
 }
 
 /// When snapshots are taken and restored.
@@ -130,6 +135,62 @@ pub struct SnapshotConfig {
     pub min_tokens: u32,
     /// Tokens a stored snapshot must add over the best slot's prefix before it is restored.
     pub restore_min_gain: u32,
+}
+
+/// What happens to a request when its plugin fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The built-in policy decides instead.
+    Fallback,
+    /// The request gets 503; for eviction and admission, the snapshot is not stored.
+    Reject,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Fallback => "fallback",
+            OnFailure::Reject => "reject",
+        }
+    }
+}
+
+/// One policy plugin: its component file and its own configuration.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    /// Component file, relative to `plugins.dir` unless absolute; None runs the built-in policy.
+    pub file: Option<PathBuf>,
+    pub on_failure: OnFailure,
+    /// The plugin's `config` table, passed to it as TOML text at load time.
+    pub config: toml::Table,
+}
+
+impl PluginConfig {
+    /// Returns the component file with `dir` applied to a relative path.
+    pub fn path(&self, dir: &std::path::Path) -> Option<PathBuf> {
+        self.file.as_ref().map(|file| if file.is_absolute() { file.clone() } else { dir.join(file) })
+    }
+}
+
+/// The WebAssembly plugin host and the routing, eviction and admission plugins.
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    /// Folder that relative plugin files are found in.
+    pub dir: PathBuf,
+    /// Folder of compiled plugin artifacts.
+    pub cache_dir: PathBuf,
+    /// Longest a single plugin call may run.
+    pub deadline: Duration,
+    /// Largest linear memory a plugin instance may grow to.
+    pub memory_limit: ByteSize,
+    /// Reloads a plugin when its file changes.
+    pub watch: bool,
+    /// Shortest time between two warnings about failures of one plugin.
+    pub warn_interval: Duration,
+    pub router: PluginConfig,
+    pub evictor: PluginConfig,
+    pub admission: PluginConfig,
 }
 
 /// Output format of the log.

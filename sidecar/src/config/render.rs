@@ -2,7 +2,7 @@
 
 use toml::{Table, Value};
 
-use super::{Config, FlashAttention, KvCacheType, LogFormat};
+use super::{Config, FlashAttention, KvCacheType, LogFormat, PluginConfig};
 
 fn text(value: impl ToString) -> Value {
     Value::String(value.to_string())
@@ -81,6 +81,8 @@ impl Config {
             ("capacity", size(self.store.capacity)),
             ("chunk_size", size(self.store.chunk_size)),
             ("max_snapshot", size(self.store.max_snapshot)),
+            ("high_watermark", Value::Float(self.store.high_watermark)),
+            ("low_watermark", Value::Float(self.store.low_watermark)),
         ]));
         root.insert("snapshot".into(), section(vec![
             ("min_tokens", Value::Integer(i64::from(self.snapshot.min_tokens))),
@@ -94,6 +96,25 @@ impl Config {
             ("level", text(&self.log.level)),
             ("format", text(format)),
             ("log_prompts", Value::Boolean(self.log.log_prompts)),
+        ]));
+        let plugin = |plugin: &PluginConfig| {
+            let file = plugin.file.as_ref().map(|file| file.display().to_string()).unwrap_or_else(|| "builtin".into());
+            section(vec![
+                ("file", text(file)),
+                ("on_failure", text(plugin.on_failure.as_str())),
+                ("config", Value::Table(plugin.config.clone())),
+            ])
+        };
+        root.insert("plugins".into(), section(vec![
+            ("dir", text(self.plugins.dir.display())),
+            ("cache_dir", text(self.plugins.cache_dir.display())),
+            ("deadline", duration(self.plugins.deadline)),
+            ("memory_limit", size(self.plugins.memory_limit)),
+            ("watch", Value::Boolean(self.plugins.watch)),
+            ("warn_interval", duration(self.plugins.warn_interval)),
+            ("router", plugin(&self.plugins.router)),
+            ("evictor", plugin(&self.plugins.evictor)),
+            ("admission", plugin(&self.plugins.admission)),
         ]));
         toml::to_string(&root).unwrap_or_default()
     }

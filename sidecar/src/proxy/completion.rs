@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use kvsidecar_sdk::{AdmissionCandidate, Candidate, CandidateKind, Request as RouteRequest, Tier};
 
 use super::body::{StreamEnd, TrackedBody};
 use super::{ResponseBody, full, strip_hop_by_hop};
@@ -24,6 +25,8 @@ use crate::{restore, snapshot};
 pub const CACHED_TOKENS_HEADER: &str = "x-kvsidecar-cached-tokens";
 /// Response header: where the reused KV came from (`none`, `slot`, `local`).
 pub const CACHE_SOURCE_HEADER: &str = "x-kvsidecar-cache-source";
+/// Response header: the engine slot that served the request.
+pub const SLOT_HEADER: &str = "x-kvsidecar-slot";
 
 /// Largest non-streaming engine response read to find its cache figures.
 const MAX_RESPONSE_BODY: usize = 256 << 20;
@@ -42,6 +45,87 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoin
             error.into_response()
         }
     }
+}
+
+/// Where the router wants a request's KV to come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KvSource {
+    /// The serving slot's own prefix.
+    Slot,
+    /// A snapshot from the local store, restored into the serving slot.
+    Store,
+    /// Nothing: the engine computes the whole prompt.
+    Compute,
+    /// The built-in rule, for a slot the client chose.
+    Builtin,
+}
+
+/// Header with the client's task or session id, passed to the router.
+pub const TASK_HEADER: &str = "x-kvsidecar-task-id";
+
+/// Asks the router policy which slot serves and where the KV comes from.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    app: &App,
+    ready: &Ready,
+    headers: &http::HeaderMap,
+    parsed: &CompletionRequest,
+    tokens: &[u32],
+    namespace: &Namespace,
+    tenant: &str,
+    stored: usize,
+) -> Result<(u32, KvSource), ApiError> {
+    let views = ready.slots.views(tokens, namespace);
+    if views.is_empty() {
+        return Err(ApiError::not_ready("the engine reports no slots"));
+    }
+    let prompt = tokens.len() as u64;
+    let mut candidates: Vec<Candidate> = views
+        .iter()
+        .map(|view| Candidate {
+            id: format!("slot-{}", view.slot),
+            kind: CandidateKind::EngineSlot,
+            matched_tokens: view.common as u32,
+            resident_tokens: view.resident as u32,
+            tier: Tier::Device,
+            in_flight: u32::from(view.busy),
+            queue_depth: view.waiting,
+            healthy: true,
+            transfer_cost_ms: 0.0,
+            recompute_cost_ms: app.costs.recompute_ms(prompt.saturating_sub(view.common as u64)),
+        })
+        .collect();
+    if stored > 0 {
+        candidates.push(Candidate {
+            id: "store".into(),
+            kind: CandidateKind::LocalStore,
+            matched_tokens: stored as u32,
+            resident_tokens: stored as u32,
+            tier: Tier::Disk,
+            in_flight: 0,
+            queue_depth: 0,
+            healthy: true,
+            transfer_cost_ms: app.costs.restore_ms(stored as u64),
+            recompute_cost_ms: app.costs.recompute_ms(prompt.saturating_sub(stored as u64)),
+        });
+    }
+    let task_id = headers.get(TASK_HEADER).and_then(|value| value.to_str().ok()).filter(|text| text.len() <= 256).map(str::to_string);
+    let request = RouteRequest {
+        namespace: namespace.0.to_hex(),
+        prompt_tokens: tokens.len() as u32,
+        task_id,
+        tenant: tenant.to_string(),
+        model: parsed.model.clone().unwrap_or_else(|| ready.info.model_id.clone()),
+    };
+    let plan = app.plugins.router.route(&request, &candidates).map_err(|error| ApiError::policy_failed(&error))?;
+    let serve = plan.choice.serve;
+    let slot = views.get(serve).map(|view| view.slot).ok_or_else(|| ApiError::internal(format!("router chose candidate {serve}, which is not a slot")))?;
+    let kv = match plan.choice.kv_source {
+        None => KvSource::Compute,
+        Some(index) if index == serve => KvSource::Slot,
+        Some(_) => KvSource::Store,
+    };
+    Ok((slot, kv))
 }
 
 /// The cache path's decision for one request.
@@ -96,23 +180,31 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     let stored_match = if snapshots_enabled { app.store.longest_prefix(&hashes).map_err(|error| ApiError::internal(error.to_string()))? } else { None };
     let stored = stored_match.map(|found| found.blocks as usize * block).unwrap_or(0);
 
-    // Route: the slot with the longest common prefix, or a slot to restore into when the store
-    // contains a prefix longer by at least snapshot.restore_min_gain tokens.
+    // Route: the router policy picks the serving slot and the KV source among the slots and
+    // the store. A slot the client pinned with id_slot keeps the built-in rule: restore when the
+    // store holds at least snapshot.restore_min_gain more tokens than the slot.
     let min_gain = app.config.snapshot.restore_min_gain as usize;
-    let slot = match parsed.requested_slot {
-        Some(slot) => slot,
-        None => {
-            let best = ready.slots.best_for(&tokens, &namespace).ok_or_else(|| ApiError::not_ready("the engine reports no slots"))?;
-            if stored > best.common + min_gain { ready.slots.victim_for_restore(&tokens, &namespace).unwrap_or(best.slot) } else { best.slot }
-        }
+    let (slot, kv) = match parsed.requested_slot {
+        Some(slot) => (slot, KvSource::Builtin),
+        None => route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored)?,
     };
     let lease = ready.slots.acquire(slot).await.ok_or_else(|| ApiError::internal(format!("slot {slot} vanished")))?;
 
-    // Restore: the slot's contents may have changed while waiting, so decide again under the lease.
+    // Restore: the slot's contents may have changed while waiting, so the store is used only
+    // when it still holds more of the prompt than the slot.
     let mut reusable = ready.slots.reusable_by(slot, &namespace);
     let mut common = if reusable { common_prefix(&ready.slots.tokens(slot), &tokens) } else { 0 };
     let mut source = CacheSource::Slot;
-    if let Some(found) = stored_match.filter(|_| stored > common + min_gain) {
+    let restore_wanted = match kv {
+        KvSource::Builtin => stored > common + min_gain,
+        KvSource::Store => stored > common,
+        KvSource::Slot => false,
+        KvSource::Compute => {
+            reusable = false;
+            false
+        }
+    };
+    if let Some(found) = stored_match.filter(|_| restore_wanted) {
         if let Some(restored) = restore::into_slot(app, &ready, slot, found, namespace).await {
             common = common_prefix(&restored, &tokens);
             source = CacheSource::Local;
@@ -125,7 +217,8 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     }
     if !reusable {
         // The slot may contain another tenant's or salt's KV, and the engine would reuse any
-        // common prefix of it, so this request is computed in full.
+        // common prefix of it, so this request is computed in full. The router can ask for
+        // this too, by naming no KV source.
         disable_prompt_cache(&mut parsed.body);
     }
     let reuse = parsed.body.get("cache_prompt").and_then(serde_json::Value::as_bool).unwrap_or(true);
@@ -163,6 +256,7 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
         // NOTE: stream headers leave before the engine reports its reuse, so they carry the
         // planned count. The engine's own count is in the stream's final event (timings.cache_n).
         set_cache_headers(&mut head.headers, plan.source, plan.cached);
+        head.headers.insert(SLOT_HEADER, HeaderValue::from(plan.slot));
         record(app, plan.source, plan.prompt_tokens, plan.cached);
         let tracked = TrackedBody::new(body, connection, move |end| {
             in_flight.finish(if end == StreamEnd::Completed { Outcome::Completed } else { Outcome::Aborted })
@@ -186,13 +280,21 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
         return Err(ApiError::engine_rejected(head.status, &bytes));
     }
 
-    let reported = serde_json::from_slice(&bytes).ok().and_then(|value| app.engine.cached_tokens_in_response(&value));
+    let value: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    let reported = value.as_ref().and_then(|value| app.engine.cached_tokens_in_response(value));
+    if let Some(timings) = value.as_ref().and_then(|value| value.get("timings")) {
+        // llama-server reports the prompt tokens it computed and the time they took.
+        if let (Some(computed), Some(ms)) = (timings.get("prompt_n").and_then(serde_json::Value::as_u64), timings.get("prompt_ms").and_then(serde_json::Value::as_f64)) {
+            app.costs.observe_prefill(computed, ms);
+        }
+    }
     let cached = reported.unwrap_or(plan.cached);
     let source = if cached == 0 { CacheSource::None } else { plan.source };
     if reported.is_some_and(|n| n != plan.cached) {
         tracing::debug!(expected = plan.cached, reported = cached, "engine reused a different number of tokens than planned");
     }
     set_cache_headers(&mut head.headers, source, cached);
+    head.headers.insert(SLOT_HEADER, HeaderValue::from(plan.slot));
     head.headers.remove(http::header::CONTENT_LENGTH);
     record(app, source, plan.prompt_tokens, cached);
     in_flight.finish(Outcome::Completed);
@@ -217,6 +319,7 @@ struct InFlight {
 /// The figures of a plan that the response needs, copied so the plan itself can move.
 #[derive(Clone, Copy)]
 struct PlanSummary {
+    slot: u32,
     source: CacheSource,
     cached: u32,
     prompt_tokens: usize,
@@ -224,7 +327,7 @@ struct PlanSummary {
 
 impl InFlight {
     fn new(app: &Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan) -> InFlight {
-        let summary = PlanSummary { source: plan.source, cached: plan.cached, prompt_tokens: plan.tokens.len() };
+        let summary = PlanSummary { slot: lease.slot, source: plan.source, cached: plan.cached, prompt_tokens: plan.tokens.len() };
         InFlight { app: app.clone(), ready, pending: Some((lease, plan)), summary }
     }
 
@@ -285,6 +388,21 @@ fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, outcom
     let long_enough = plan.tokens.len() >= app.config.snapshot.min_tokens as usize;
     let already_stored = plan.stored >= plan.tokens.len() / block * block;
     if !long_enough || already_stored || ready.info.snapshots_disabled.is_some() {
+        return;
+    }
+    let tokens = plan.tokens.len() as u64;
+    let candidate = AdmissionCandidate {
+        namespace: plan.namespace.0.to_hex(),
+        tenant: plan.tenant.clone(),
+        tokens: tokens as u32,
+        stored_tokens: plan.stored as u32,
+        estimated_bytes: app.costs.snapshot_bytes(tokens),
+        recompute_cost_ms: app.costs.recompute_ms(tokens),
+        store_bytes: app.store.bytes(),
+        store_capacity: app.config.store.capacity.as_u64(),
+    };
+    if !app.plugins.admission.admit(&candidate) {
+        tracing::debug!(slot = lease.slot, tokens, "snapshot not admitted by the admission policy");
         return;
     }
     let Ok(permit) = app.snapshot_permits.clone().try_acquire_owned() else {

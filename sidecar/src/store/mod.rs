@@ -90,6 +90,18 @@ pub enum StoreError {
     TooLarge { bytes: u64, limit: u64, setting: &'static str },
     #[error("invalid snapshot metadata for {id}: {reason}")]
     Metadata { id: Digest, reason: String },
+    #[error("the eviction plugin failed and plugins.evictor.on_failure is \"reject\"; the snapshot was not stored")]
+    EvictionRejected,
+}
+
+/// The eviction policy as the store sees it: told about every change, asked for victims.
+pub trait EvictionHook: Send + Sync {
+    fn inserted(&self, meta: &SnapshotMeta);
+    fn accessed(&self, meta: &SnapshotMeta);
+    fn removed(&self, id: &Digest);
+    /// Returns snapshots that together free at least `bytes`; the store checks them and adds
+    /// least recently used ones for any shortfall. None refuses the insert.
+    fn choose_victims(&self, bytes: u64) -> Option<Vec<Digest>>;
 }
 
 /// Counters and sizes shown by `/admin/stats`.

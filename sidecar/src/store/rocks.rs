@@ -9,13 +9,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 
 use super::access::{Access, AccessLog};
-use super::{NewSnapshot, PrefixMatch, SnapshotMeta, StoreError, StoreStats, folder_size, now_ms};
+use super::{EvictionHook, NewSnapshot, PrefixMatch, SnapshotMeta, StoreError, StoreStats, folder_size, now_ms};
 use crate::config::StoreConfig;
 use crate::prefix::Digest;
 
@@ -37,6 +37,12 @@ pub struct Store {
     db: DB,
     path: PathBuf,
     capacity: u64,
+    /// Stored bytes above which an insert makes room, and the level it evicts down to.
+    high_watermark: u64,
+    low_watermark: u64,
+    /// The eviction policy, told about every insert, access and removal. Without one, the
+    /// least recently used snapshots leave first.
+    hook: OnceLock<Arc<dyn EvictionHook>>,
     chunk_size: usize,
     max_snapshot: u64,
     state: Mutex<State>,
@@ -160,6 +166,9 @@ impl Store {
             db,
             path,
             capacity: config.capacity.as_u64(),
+            high_watermark: (config.capacity.as_u64() as f64 * config.high_watermark) as u64,
+            low_watermark: (config.capacity.as_u64() as f64 * config.low_watermark) as u64,
+            hook: OnceLock::new(),
             chunk_size: config.chunk_size.as_u64() as usize,
             max_snapshot: config.max_snapshot.as_u64(),
             state: Mutex::new(State::default()),
@@ -249,6 +258,11 @@ impl Store {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
         // The state contains plain counters that stay consistent even if a lock holder panicked.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Installs the eviction policy. Only the first call has an effect.
+    pub fn set_eviction_hook(&self, hook: Arc<dyn EvictionHook>) {
+        let _ = self.hook.set(hook);
     }
 
     /// Returns whether a snapshot with this id is stored.
@@ -400,7 +414,7 @@ impl Store {
             last_access_ms: now,
             hits: 0,
         };
-        let victims = self.choose_victims(bytes, &new.id);
+        let victims = self.choose_victims(bytes, &new.id)?;
         let mut batch = WriteBatch::default();
         for victim in &victims {
             self.delete_into(&mut batch, victim)?;
@@ -424,26 +438,56 @@ impl Store {
         drop(state);
         self.inserted.fetch_add(1, Ordering::Relaxed);
         self.evicted.fetch_add(victims.len() as u64, Ordering::Relaxed);
+        if let Some(hook) = self.hook.get() {
+            for victim in &victims {
+                hook.removed(victim);
+            }
+            hook.inserted(&meta);
+        }
         self.reclaim(&victims);
         Ok(Some(victims))
     }
 
-    /// Picks least recently used snapshots until `incoming` more bytes fit in the capacity.
-    fn choose_victims(&self, incoming: u64, keep: &Digest) -> Vec<Digest> {
+    /// Chooses the snapshots to evict so that `incoming` more bytes fit. Nothing is evicted
+    /// while the total stays at or below the high watermark; above it, the eviction policy is
+    /// asked for enough bytes to reach the low watermark, its answer is checked against the
+    /// store, and least recently used snapshots make up any shortfall. Fails only when the
+    /// policy refuses (`on_failure = "reject"`).
+    fn choose_victims(&self, incoming: u64, keep: &Digest) -> Result<Vec<Digest>, StoreError> {
+        let total = self.lock_state().bytes + incoming;
+        if total <= self.high_watermark.min(self.capacity) {
+            return Ok(Vec::new());
+        }
+        let need = total - self.low_watermark.min(total);
+        let mut victims = match self.hook.get() {
+            Some(hook) => hook.choose_victims(need).ok_or(StoreError::EvictionRejected)?,
+            None => Vec::new(),
+        };
         let state = self.lock_state();
-        let mut total = state.bytes + incoming;
-        let mut victims = Vec::new();
+        let mut chosen = std::collections::HashSet::new();
+        victims.retain(|id| id != keep && state.entries.contains_key(id) && chosen.insert(*id));
+        let mut freed: u64 = victims.iter().map(|id| state.entries[id].bytes).sum();
         for (_, id) in &state.lru {
-            if total <= self.capacity {
+            if freed >= need {
                 break;
             }
-            if id == keep {
+            if id == keep || chosen.contains(id) {
                 continue;
             }
-            total -= state.entries[id].bytes;
+            freed += state.entries[id].bytes;
             victims.push(*id);
         }
-        victims
+        Ok(victims)
+    }
+
+    /// Returns the bytes stored now.
+    pub fn bytes(&self) -> u64 {
+        self.lock_state().bytes
+    }
+
+    /// Returns the size of snapshot `id`, or None when it is not stored.
+    pub fn size_of(&self, id: &Digest) -> Option<u64> {
+        self.lock_state().entries.get(id).map(|entry| entry.bytes)
     }
 
     /// Adds the deletion of every key of snapshot `id` to `batch`.
@@ -474,6 +518,11 @@ impl Store {
             state.remove(id);
         }
         drop(state);
+        if let Some(hook) = self.hook.get() {
+            for id in ids {
+                hook.removed(id);
+            }
+        }
         self.reclaim(ids);
         Ok(())
     }
@@ -579,14 +628,21 @@ impl Store {
             update.1 = update.1.max(record.at_ms);
         }
         let mut batch = WriteBatch::default();
+        let mut updated = Vec::new();
         for (id, (hits, last_ms)) in updates {
             if let Some(mut meta) = self.meta(&id)? {
                 meta.hits += hits;
                 meta.last_access_ms = meta.last_access_ms.max(last_ms);
                 batch.put_cf(self.cf(META), id.0, serde_json::to_vec(&meta).unwrap_or_default());
+                updated.push(meta);
             }
         }
         self.db.write(batch)?;
+        if let Some(hook) = self.hook.get() {
+            for meta in &updated {
+                hook.accessed(meta);
+            }
+        }
         Ok(records.len())
     }
 

@@ -112,3 +112,51 @@ fn toml_syntax_error_names_file() {
         other => panic!("expected a syntax error, got {other:?}"),
     }
 }
+
+#[test]
+fn shipped_config_file_loads_and_matches_the_defaults() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/kvsidecar.toml");
+    let shipped = load(&Overrides { config_file: Some(path), ..Overrides::default() }, env(&[])).unwrap();
+    let defaults = load(&Overrides::default(), env(&[])).unwrap();
+    assert_eq!(shipped.plugins.router.file, defaults.plugins.router.file);
+    assert_eq!(shipped.plugins.deadline, defaults.plugins.deadline);
+    assert_eq!(shipped.store.high_watermark, defaults.store.high_watermark);
+    assert_eq!(shipped.plugins.router.config.get("imbalance").and_then(toml::Value::as_integer), Some(4));
+}
+
+#[test]
+fn plugin_settings_come_from_file_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plugins.toml");
+    std::fs::write(&path, "[plugins.router]\nfile = \"/opt/r.wasm\"\non_failure = \"reject\"\n[plugins.router.config]\nimbalance = 2\n").unwrap();
+    let overrides = Overrides { config_file: Some(path), ..Overrides::default() };
+    let config = load(
+        &overrides,
+        env(&[("KVSIDECAR_PLUGINS_EVICTOR_FILE", "builtin"), ("KVSIDECAR_PLUGINS_ADMISSION_CONFIG", "{ min_tokens = 128 }"), ("KVSIDECAR_PLUGINS_DEADLINE", "20ms")]),
+    )
+    .unwrap();
+    assert_eq!(config.plugins.router.file, Some(PathBuf::from("/opt/r.wasm")));
+    assert_eq!(config.plugins.router.on_failure, crate::config::OnFailure::Reject);
+    assert_eq!(config.plugins.router.config.get("imbalance").and_then(toml::Value::as_integer), Some(2));
+    assert_eq!(config.plugins.evictor.file, None);
+    assert_eq!(config.plugins.admission.config.get("min_tokens").and_then(toml::Value::as_integer), Some(128));
+    assert_eq!(config.plugins.deadline, Duration::from_millis(20));
+}
+
+#[test]
+fn bad_plugin_and_watermark_settings_are_reported() {
+    let found = issues(load(
+        &Overrides::default(),
+        env(&[
+            ("KVSIDECAR_PLUGINS_ROUTER_ON_FAILURE", "ignore"),
+            ("KVSIDECAR_PLUGINS_ROUTER_COLOUR", "red"),
+            ("KVSIDECAR_PLUGINS_DEADLINE", "0s"),
+            ("KVSIDECAR_STORE_LOW_WATERMARK", "0.99"),
+            ("KVSIDECAR_PLUGINS_EVICTOR_CONFIG", "not a table"),
+        ]),
+    ));
+    let paths: Vec<&str> = found.iter().map(|issue| issue.path.as_str()).collect();
+    for expected in ["plugins.router.on_failure", "plugins.router.colour", "plugins.deadline", "store.low_watermark", "plugins.evictor.config"] {
+        assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
+    }
+}

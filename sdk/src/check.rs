@@ -1,0 +1,164 @@
+//! The checks kvsidecar applies to every plugin answer. The host and the native test harnesses
+//! both use them, so a policy that passes its tests is not rejected at run time.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::{CandidateKind, Decision};
+
+/// A valid router decision, as indexes into the candidate list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// The candidate that serves the request: an engine slot or a peer.
+    pub serve: usize,
+    /// The candidate whose KV the request reuses; None computes the whole prompt.
+    pub kv_source: Option<usize>,
+}
+
+/// Why a router decision was rejected.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InvalidDecision {
+    /// The score list is not one score per candidate.
+    WrongLength {
+        /// Scores returned.
+        scores: usize,
+        /// Candidates offered.
+        candidates: usize,
+    },
+    /// A score is NaN or infinite.
+    NotFinite {
+        /// Position of the score.
+        index: usize,
+        /// The score.
+        value: f64,
+    },
+    /// No candidate that can serve was offered.
+    NoServer,
+    /// The KV source is past the end of the candidate list.
+    KvSourceOutOfRange {
+        /// The KV source returned.
+        index: u32,
+        /// Candidates offered.
+        candidates: usize,
+    },
+    /// The KV source is an engine slot other than the serving one; KV does not move between slots.
+    KvSourceOtherSlot {
+        /// The KV source returned.
+        index: usize,
+        /// The serving candidate.
+        serve: usize,
+    },
+}
+
+impl fmt::Display for InvalidDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidDecision::WrongLength { scores, candidates } => write!(f, "returned {scores} scores for {candidates} candidates"),
+            InvalidDecision::NotFinite { index, value } => write!(f, "score {index} is {value}; scores must be finite"),
+            InvalidDecision::NoServer => write!(f, "no candidate can serve the request"),
+            InvalidDecision::KvSourceOutOfRange { index, candidates } => write!(f, "kv-source {index} is out of range for {candidates} candidates"),
+            InvalidDecision::KvSourceOtherSlot { index, serve } => {
+                write!(f, "kv-source {index} is an engine slot other than the serving candidate {serve}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for InvalidDecision {}
+
+/// Checks `decision` against the kinds of the candidates it answers, and returns the serving
+/// candidate (the highest-scoring one that can serve, the first on a tie) and the KV source.
+pub fn decision(decision: &Decision, kinds: &[CandidateKind]) -> Result<Choice, InvalidDecision> {
+    if decision.scores.len() != kinds.len() {
+        return Err(InvalidDecision::WrongLength { scores: decision.scores.len(), candidates: kinds.len() });
+    }
+    if let Some((index, value)) = decision.scores.iter().enumerate().find(|(_, score)| !score.is_finite()) {
+        return Err(InvalidDecision::NotFinite { index, value: *value });
+    }
+    let mut serve: Option<usize> = None;
+    for (index, kind) in kinds.iter().enumerate() {
+        if kind.can_serve() && serve.is_none_or(|best| decision.scores[index] > decision.scores[best]) {
+            serve = Some(index);
+        }
+    }
+    let serve = serve.ok_or(InvalidDecision::NoServer)?;
+    let kv_source = match decision.kv_source {
+        None => None,
+        Some(index) if index as usize >= kinds.len() => return Err(InvalidDecision::KvSourceOutOfRange { index, candidates: kinds.len() }),
+        Some(index) => {
+            let index = index as usize;
+            if index != serve && kinds[index] == CandidateKind::EngineSlot {
+                return Err(InvalidDecision::KvSourceOtherSlot { index, serve });
+            }
+            Some(index)
+        }
+    };
+    Ok(Choice { serve, kv_source })
+}
+
+/// Why an evictor's answer was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidVictims {
+    /// An id that names no stored snapshot.
+    Unknown(String),
+}
+
+impl fmt::Display for InvalidVictims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidVictims::Unknown(id) => write!(f, "victim {id:?} is not a stored snapshot"),
+        }
+    }
+}
+
+impl std::error::Error for InvalidVictims {}
+
+/// Checks that every id in `victims` names a stored snapshot, and returns them without repeats,
+/// in their order.
+pub fn victims(victims: Vec<String>, is_stored: impl Fn(&str) -> bool) -> Result<Vec<String>, InvalidVictims> {
+    let mut seen = HashSet::new();
+    let mut unique = Vec::with_capacity(victims.len());
+    for id in victims {
+        if !is_stored(&id) {
+            return Err(InvalidVictims::Unknown(id));
+        }
+        if seen.insert(id.clone()) {
+            unique.push(id);
+        }
+    }
+    Ok(unique)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use CandidateKind::{EngineSlot, LocalStore};
+
+    fn scored(scores: &[f64], kv_source: Option<u32>) -> Decision {
+        Decision { scores: scores.to_vec(), kv_source }
+    }
+
+    #[test]
+    fn the_highest_scoring_server_wins_and_the_first_wins_ties() {
+        let kinds = [EngineSlot, LocalStore, EngineSlot, EngineSlot];
+        assert_eq!(decision(&scored(&[1.0, 9.0, 3.0, 3.0], Some(1)), &kinds), Ok(Choice { serve: 2, kv_source: Some(1) }));
+        assert_eq!(decision(&scored(&[0.0, 0.0, 0.0, 0.0], None), &kinds), Ok(Choice { serve: 0, kv_source: None }));
+    }
+
+    #[test]
+    fn malformed_decisions_are_rejected() {
+        let kinds = [EngineSlot, LocalStore, EngineSlot];
+        assert!(matches!(decision(&scored(&[], None), &kinds), Err(InvalidDecision::WrongLength { scores: 0, candidates: 3 })));
+        assert!(matches!(decision(&scored(&[1.0, f64::NAN, 0.0], None), &kinds), Err(InvalidDecision::NotFinite { index: 1, .. })));
+        assert!(matches!(decision(&scored(&[1.0, 0.0, 0.0], Some(3)), &kinds), Err(InvalidDecision::KvSourceOutOfRange { .. })));
+        assert!(matches!(decision(&scored(&[1.0, 0.0, 0.0], Some(2)), &kinds), Err(InvalidDecision::KvSourceOtherSlot { index: 2, serve: 0 })));
+        assert_eq!(decision(&scored(&[1.0], None), &[LocalStore]), Err(InvalidDecision::NoServer));
+    }
+
+    #[test]
+    fn victims_must_be_stored_and_repeats_are_dropped() {
+        let stored = |id: &str| id == "a" || id == "b";
+        assert_eq!(victims(vec!["a".into(), "b".into(), "a".into()], stored), Ok(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(victims(vec!["a".into(), "z".into()], stored), Err(InvalidVictims::Unknown("z".into())));
+    }
+}

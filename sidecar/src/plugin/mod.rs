@@ -1,0 +1,471 @@
+//! Policy plugins: routing, eviction and admission as WebAssembly components that can be
+//! replaced while the sidecar serves.
+//!
+//! Each policy is a [`Plugin`]: the version in use (an `ArcSwap` of a prepared component), warm
+//! instances of it, and its counters. A call takes a warm instance of the current version or
+//! makes one, runs under a deadline and a memory cap, and checks the answer. Any failure (trap,
+//! deadline, memory cap, invalid answer) drops the instance, counts, warns at most once per
+//! `plugins.warn_interval`, and returns [`CallError`] so the caller can run the built-in policy.
+//! A reload prepares the new version off the request path, runs its load checks, and publishes
+//! it; calls already running finish on the old version.
+
+mod admission;
+mod bindings;
+mod evictor;
+pub mod native;
+mod router;
+pub mod runtime;
+pub mod tool;
+mod watch;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+use wasmtime::Store;
+
+pub use admission::AdmissionPolicy;
+pub use evictor::EvictionPolicy;
+pub use router::{RoutePlan, RouterPolicy};
+use runtime::{HostState, LoadError, Runtime};
+pub use watch::watch;
+
+use crate::config::{Config, OnFailure, PluginConfig};
+use crate::store::now_ms;
+
+/// The three kinds of policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Router,
+    Evictor,
+    Admission,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Router => "router",
+            Kind::Evictor => "evictor",
+            Kind::Admission => "admission",
+        }
+    }
+
+    /// Returns the export name of the kind's interface, such as `kvsidecar:policy/router@0.1.0`.
+    pub fn export_name(self) -> String {
+        format!("{}/{}@{}", runtime::PACKAGE, self.as_str(), runtime::INTERFACE_VERSION)
+    }
+
+    /// Parses an export name of any interface version into the kind and the version.
+    pub fn from_export(name: &str) -> Option<(Kind, &str)> {
+        let rest = name.strip_prefix(runtime::PACKAGE)?.strip_prefix('/')?;
+        let (interface, version) = rest.split_once('@')?;
+        let kind = match interface {
+            "router" => Kind::Router,
+            "evictor" => Kind::Evictor,
+            "admission" => Kind::Admission,
+            _ => return None,
+        };
+        Some((kind, version))
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed plugin call. The caller runs the built-in policy, or rejects with `on_failure = "reject"`.
+#[derive(Debug, Clone)]
+pub struct CallError {
+    /// The plugin as `name@version`.
+    pub plugin: String,
+    pub reason: String,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "plugin {} failed: {}", self.plugin, self.reason)
+    }
+}
+
+/// The binding of one kind of policy to its generated component interface.
+pub trait Interface: Send + Sync + 'static {
+    const KIND: Kind;
+    /// The prepared component, with its exports looked up.
+    type Pre: Clone + Send + Sync + 'static;
+    /// A live instance's exports.
+    type Bindings: Send + 'static;
+
+    fn pre(pre: wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<Self::Pre>;
+    fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self::Bindings>;
+    fn info(bindings: &Self::Bindings, store: &mut Store<HostState>) -> wasmtime::Result<(String, String)>;
+    fn init(bindings: &Self::Bindings, store: &mut Store<HostState>, config: &str) -> wasmtime::Result<Result<(), String>>;
+    /// Calls the plugin with sample input and checks the answer, before a version is published.
+    fn smoke(bindings: &Self::Bindings, store: &mut Store<HostState>) -> Result<(), String>;
+}
+
+/// A published plugin version.
+pub struct Version<I: Interface> {
+    pub generation: u64,
+    pub name: String,
+    pub version: String,
+    pub interface: String,
+    pub sha256: String,
+    pub file: PathBuf,
+    pub loaded_ms: u64,
+    pub calls: AtomicU64,
+    pub failures: AtomicU64,
+    pre: I::Pre,
+    config_text: String,
+}
+
+impl<I: Interface> Version<I> {
+    fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// A live instance of one version.
+pub struct Instance<I: Interface> {
+    pub generation: u64,
+    pub store: Store<HostState>,
+    pub bindings: I::Bindings,
+}
+
+/// Result of a reload.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Reloaded {
+    /// A new version is serving.
+    Loaded { sha256: String, version: String, cached_compile: bool },
+    /// The file holds the version already serving.
+    Unchanged,
+    /// The kind runs its built-in policy; there is no file.
+    Builtin,
+    /// The new version failed its checks; the previous one keeps serving.
+    Failed { error: String },
+}
+
+/// Warm instances kept per plugin, about one per worker thread.
+const WARM_INSTANCES: usize = 8;
+
+/// Source of the generation numbers of all plugin versions.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// One policy slot: the configured plugin, the version in use, warm instances and counters.
+pub struct Plugin<I: Interface> {
+    runtime: Arc<Runtime>,
+    pub setting: PluginConfig,
+    pub path: Option<PathBuf>,
+    warn_interval_ms: u64,
+    current: ArcSwapOption<Version<I>>,
+    warm: Mutex<Vec<Instance<I>>>,
+    /// Serialises reloads, so two reloads never publish out of order.
+    reload_lock: Mutex<()>,
+    pub fallbacks: AtomicU64,
+    pub rejections: AtomicU64,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+    last_reload_error: ArcSwapOption<String>,
+    last_warning_ms: AtomicU64,
+    suppressed_warnings: AtomicU64,
+}
+
+impl<I: Interface> Plugin<I> {
+    pub fn new(runtime: Arc<Runtime>, setting: &PluginConfig, config: &Config) -> Plugin<I> {
+        Plugin {
+            runtime,
+            path: setting.path(&config.plugins.dir),
+            setting: setting.clone(),
+            warn_interval_ms: config.plugins.warn_interval.as_millis() as u64,
+            current: ArcSwapOption::empty(),
+            warm: Mutex::new(Vec::new()),
+            reload_lock: Mutex::new(()),
+            fallbacks: AtomicU64::new(0),
+            rejections: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            last_reload_error: ArcSwapOption::empty(),
+            last_warning_ms: AtomicU64::new(0),
+            suppressed_warnings: AtomicU64::new(0),
+        }
+    }
+
+    /// Re-arms the deadline of an instance's store before another call in the same turn.
+    pub fn arm(&self, store: &mut Store<HostState>) {
+        self.runtime.arm(store);
+    }
+
+    pub fn on_failure(&self) -> OnFailure {
+        self.setting.on_failure
+    }
+
+    pub fn current(&self) -> Option<Arc<Version<I>>> {
+        self.current.load_full()
+    }
+
+    /// Loads the configured file if its content differs from the version serving. Blocks for
+    /// the compile; call it from a blocking task.
+    pub fn reload(&self) -> Reloaded {
+        let Some(path) = &self.path else { return Reloaded::Builtin };
+        let _serial = self.reload_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match self.prepare(path) {
+            Ok(None) => Reloaded::Unchanged,
+            Ok(Some((version, cached))) => {
+                let reloaded = Reloaded::Loaded { sha256: version.sha256.clone(), version: version.version.clone(), cached_compile: cached };
+                tracing::info!(plugin.kind = %I::KIND, plugin.name = %version.name, plugin.version = %version.version, plugin.sha256 = %version.sha256, cached_compile = cached, "plugin loaded");
+                self.current.store(Some(Arc::new(version)));
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                self.last_reload_error.store(None);
+                reloaded
+            }
+            Err(error) => {
+                let error = error.to_string();
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                self.last_reload_error.store(Some(Arc::new(error.clone())));
+                match self.current() {
+                    Some(serving) => tracing::error!(plugin.kind = %I::KIND, error = %error, serving = %serving.label(), "new plugin version rejected; the previous version keeps serving"),
+                    None => tracing::error!(plugin.kind = %I::KIND, error = %error, "plugin failed to load"),
+                }
+                Reloaded::Failed { error }
+            }
+        }
+    }
+
+    /// Reloads and returns the outcome with the name and version now serving.
+    pub fn reload_described(&self) -> (Reloaded, Option<(String, String)>) {
+        let outcome = self.reload();
+        (outcome, self.current().map(|version| (version.name.clone(), version.version.clone())))
+    }
+
+    /// Prepares the file at `path` as a new version; None when it is the version serving.
+    fn prepare(&self, path: &std::path::Path) -> Result<Option<(Version<I>, bool)>, LoadError> {
+        let prepared = self.runtime.prepare(path)?;
+        if self.current().is_some_and(|serving| serving.sha256 == prepared.sha256) {
+            return Ok(None);
+        }
+        if prepared.kind != I::KIND {
+            return Err(LoadError::WrongKind { path: path.into(), found: prepared.kind, expected: I::KIND });
+        }
+        let check = |reason: String| LoadError::Check { path: path.into(), reason };
+        let pre = I::pre(prepared.pre).map_err(|error| check(format!("{error:#}")))?;
+        let config_text = toml::to_string(&self.setting.config).map_err(|error| check(error.to_string()))?;
+        let mut store = self.runtime.store();
+        let bindings = I::instantiate(&pre, &mut store).map_err(|error| check(format!("instantiation failed: {error:#}")))?;
+        self.runtime.arm(&mut store);
+        let (name, version) = I::info(&bindings, &mut store).map_err(|error| check(format!("info() failed: {}", describe(&error))))?;
+        self.runtime.arm(&mut store);
+        I::init(&bindings, &mut store, &config_text)
+            .map_err(|error| check(format!("init() failed: {}", describe(&error))))?
+            .map_err(|reason| check(format!("init() rejected its config: {reason}")))?;
+        self.runtime.arm(&mut store);
+        I::smoke(&bindings, &mut store).map_err(|reason| check(format!("sample call failed: {reason}")))?;
+        let version = Version {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            name,
+            version,
+            interface: prepared.interface,
+            sha256: prepared.sha256,
+            file: path.into(),
+            loaded_ms: now_ms(),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            pre,
+            config_text,
+        };
+        Ok(Some((version, prepared.cached)))
+    }
+
+    /// Makes a fresh instance of `version` and initialises it with its config.
+    fn instantiate(&self, version: &Version<I>) -> Result<Instance<I>, String> {
+        let mut store = self.runtime.store();
+        let bindings = I::instantiate(&version.pre, &mut store).map_err(|error| format!("instantiation failed: {}", describe(&error)))?;
+        self.runtime.arm(&mut store);
+        I::init(&bindings, &mut store, &version.config_text)
+            .map_err(|error| format!("init() failed: {}", describe(&error)))?
+            .map_err(|reason| format!("init() rejected its config: {reason}"))?;
+        Ok(Instance { generation: version.generation, store, bindings })
+    }
+
+    /// Runs `call` on an instance of the current version: a warm one, or a fresh one that
+    /// `fresh` prepares first. Returns None when the kind runs its built-in policy.
+    pub fn call<T>(
+        &self,
+        fresh: impl FnOnce(&mut Instance<I>) -> Result<(), String>,
+        call: impl FnOnce(&mut Instance<I>) -> Result<T, String>,
+    ) -> Option<Result<T, CallError>> {
+        let version = self.current()?;
+        let warm = {
+            let mut pool = self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            pool.retain(|instance| instance.generation == version.generation);
+            pool.pop()
+        };
+        let result = match warm {
+            Some(instance) => Ok(instance),
+            None => self.instantiate(&version).and_then(|mut instance| {
+                self.runtime.arm(&mut instance.store);
+                fresh(&mut instance).map(|()| instance)
+            }),
+        }
+        .and_then(|mut instance| {
+            self.runtime.arm(&mut instance.store);
+            call(&mut instance).map(|value| (value, instance))
+        });
+        version.calls.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok((value, instance)) => {
+                let mut pool = self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if pool.len() < WARM_INSTANCES && self.current().is_some_and(|now| now.generation == instance.generation) {
+                    pool.push(instance);
+                }
+                Some(Ok(value))
+            }
+            Err(reason) => {
+                // The instance is dropped: after a trap it cannot be entered again, and after an
+                // invalid answer its state is suspect.
+                version.failures.fetch_add(1, Ordering::Relaxed);
+                let error = CallError { plugin: version.label(), reason };
+                self.warn(&error);
+                Some(Err(error))
+            }
+        }
+    }
+
+    /// Logs a plugin failure, at most once per warning interval; the rest are counted.
+    fn warn(&self, error: &CallError) {
+        let now = now_ms();
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < self.warn_interval_ms
+            || self.last_warning_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            self.suppressed_warnings.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self.suppressed_warnings.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            plugin.kind = %I::KIND,
+            plugin = %error.plugin,
+            error = %error.reason,
+            on_failure = self.setting.on_failure.as_str(),
+            failures_not_logged = suppressed,
+            "plugin call failed; the built-in policy decides this call and the plugin gets a fresh instance"
+        );
+    }
+
+    /// The plugin as `/admin/plugins` shows it.
+    pub fn describe(&self) -> serde_json::Value {
+        let version = self.current();
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        serde_json::json!({
+            "kind": I::KIND,
+            "file": self.path.as_ref().map(|path| path.display().to_string()),
+            "builtin": self.path.is_none(),
+            "name": version.as_ref().map(|v| v.name.clone()).unwrap_or_else(|| format!("builtin-{}", I::KIND)),
+            "version": version.as_ref().map(|v| v.version.clone()),
+            "interface": version.as_ref().map(|v| v.interface.clone()),
+            "sha256": version.as_ref().map(|v| v.sha256.clone()),
+            "generation": version.as_ref().map(|v| v.generation),
+            "loaded_at_ms": version.as_ref().map(|v| v.loaded_ms),
+            "calls": version.as_ref().map(|v| load(&v.calls)).unwrap_or(0),
+            "failures": version.as_ref().map(|v| load(&v.failures)).unwrap_or(0),
+            "fallbacks": load(&self.fallbacks),
+            "rejections": load(&self.rejections),
+            "reloads": load(&self.reloads),
+            "reload_failures": load(&self.reload_failures),
+            "last_reload_error": self.last_reload_error.load_full().map(|error| error.as_str().to_string()),
+            "on_failure": self.setting.on_failure.as_str(),
+        })
+    }
+}
+
+/// Describes a wasmtime error by its trap, or by its message.
+pub fn describe(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "deadline exceeded (plugins.deadline)".into(),
+        Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel".into(),
+        Some(trap) => format!("trap: {trap}"),
+        None => {
+            let text = format!("{error:#}");
+            if text.contains("memory") && (text.contains("limit") || text.contains("grow")) {
+                format!("memory cap exceeded (plugins.memory_limit): {text}")
+            } else {
+                text
+            }
+        }
+    }
+}
+
+/// The three policy plugins of a sidecar.
+pub struct Plugins {
+    pub router: RouterPolicy,
+    pub evictor: Arc<EvictionPolicy>,
+    pub admission: AdmissionPolicy,
+}
+
+/// Failure to load the configured plugins at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} plugin: {error}")]
+pub struct StartError {
+    pub kind: Kind,
+    pub error: String,
+}
+
+impl Plugins {
+    /// Creates the plugin engine and loads every configured plugin. A plugin that fails to load
+    /// at start-up is an error: the sidecar does not start with a policy other than the one
+    /// configured.
+    pub fn load(config: &Config) -> Result<Plugins, StartError> {
+        let runtime = Arc::new(Runtime::new(&config.plugins).map_err(|error| StartError { kind: Kind::Router, error: format!("plugin engine: {error:#}") })?);
+        let plugins = Plugins {
+            router: RouterPolicy::new(Plugin::new(runtime.clone(), &config.plugins.router, config), config),
+            evictor: Arc::new(EvictionPolicy::new(Plugin::new(runtime.clone(), &config.plugins.evictor, config))),
+            admission: AdmissionPolicy::new(Plugin::new(runtime, &config.plugins.admission, config)),
+        };
+        for (kind, reloaded) in plugins.reload_all() {
+            if let Reloaded::Failed { error } = reloaded {
+                return Err(StartError { kind, error });
+            }
+        }
+        Ok(plugins)
+    }
+
+    /// Reloads every plugin whose file changed. Blocks; call it from a blocking task.
+    pub fn reload_all(&self) -> Vec<(Kind, Reloaded)> {
+        vec![
+            (Kind::Router, self.router.plugin.reload()),
+            (Kind::Evictor, self.evictor.plugin.reload()),
+            (Kind::Admission, self.admission.plugin.reload()),
+        ]
+    }
+
+    /// Reloads the plugin of `kind`.
+    pub fn reload(&self, kind: Kind) -> Reloaded {
+        match kind {
+            Kind::Router => self.router.plugin.reload(),
+            Kind::Evictor => self.evictor.plugin.reload(),
+            Kind::Admission => self.admission.plugin.reload(),
+        }
+    }
+
+    /// Returns the component files to watch, with their kinds.
+    pub fn files(&self) -> Vec<(Kind, PathBuf)> {
+        [(Kind::Router, &self.router.plugin.path), (Kind::Evictor, &self.evictor.plugin.path), (Kind::Admission, &self.admission.plugin.path)]
+            .into_iter()
+            .filter_map(|(kind, path)| path.clone().map(|path| (kind, path)))
+            .collect()
+    }
+
+    /// The plugins as `/admin/plugins` shows them.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "interface_version": runtime::INTERFACE_VERSION,
+            "wasmtime": runtime::WASMTIME_VERSION,
+            "plugins": [self.router.plugin.describe(), self.evictor.plugin.describe(), self.admission.plugin.describe()],
+        })
+    }
+}
