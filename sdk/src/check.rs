@@ -1,4 +1,4 @@
-//! The checks kvsidecar applies to every plugin answer. The host and the native test harnesses
+//! The checks kvsidecar applies to every plugin result. The host and the native test harnesses
 //! both use them, so a policy that passes its tests is not rejected at run time.
 
 use std::collections::HashSet;
@@ -15,7 +15,7 @@ pub struct Choice {
     pub kv_source: Option<usize>,
 }
 
-/// Why a router decision was rejected.
+/// Reason a router decision is invalid.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InvalidDecision {
     /// The score list is not one score per candidate.
@@ -66,7 +66,7 @@ impl fmt::Display for InvalidDecision {
 
 impl std::error::Error for InvalidDecision {}
 
-/// Checks `decision` against the kinds of the candidates it answers, and returns the serving
+/// Checks `decision` against the kinds of its candidates, and returns the serving
 /// candidate (the highest-scoring one that can serve, the first on a tie) and the KV source.
 pub fn decision(decision: &Decision, kinds: &[CandidateKind]) -> Result<Choice, InvalidDecision> {
     if decision.scores.len() != kinds.len() {
@@ -96,7 +96,7 @@ pub fn decision(decision: &Decision, kinds: &[CandidateKind]) -> Result<Choice, 
     Ok(Choice { serve, kv_source })
 }
 
-/// Why an evictor's answer was rejected.
+/// Reason an evictor's victim list is invalid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InvalidVictims {
     /// An id that names no stored snapshot.
@@ -139,14 +139,14 @@ mod tests {
     }
 
     #[test]
-    fn the_highest_scoring_server_wins_and_the_first_wins_ties() {
+    fn decision_serves_highest_score_first_on_tie() {
         let kinds = [EngineSlot, LocalStore, EngineSlot, EngineSlot];
         assert_eq!(decision(&scored(&[1.0, 9.0, 3.0, 3.0], Some(1)), &kinds), Ok(Choice { serve: 2, kv_source: Some(1) }));
         assert_eq!(decision(&scored(&[0.0, 0.0, 0.0, 0.0], None), &kinds), Ok(Choice { serve: 0, kv_source: None }));
     }
 
     #[test]
-    fn malformed_decisions_are_rejected() {
+    fn decision_malformed_is_rejected() {
         let kinds = [EngineSlot, LocalStore, EngineSlot];
         assert!(matches!(decision(&scored(&[], None), &kinds), Err(InvalidDecision::WrongLength { scores: 0, candidates: 3 })));
         assert!(matches!(decision(&scored(&[1.0, f64::NAN, 0.0], None), &kinds), Err(InvalidDecision::NotFinite { index: 1, .. })));
@@ -156,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn victims_must_be_stored_and_repeats_are_dropped() {
+    fn victims_unknown_rejected_repeats_dropped() {
         let stored = |id: &str| id == "a" || id == "b";
         assert_eq!(victims(vec!["a".into(), "b".into(), "a".into()], stored), Ok(vec!["a".to_string(), "b".to_string()]));
         assert_eq!(victims(vec!["a".into(), "z".into()], stored), Err(InvalidVictims::Unknown("z".into())));

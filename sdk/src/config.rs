@@ -62,7 +62,7 @@ impl Config {
         }
     }
 
-    /// Fails when the table holds a key that no getter asked for.
+    /// Fails when the table contains a key that no getter requested.
     pub fn finish(&self) -> Result<(), String> {
         let used = self.used.borrow();
         let unknown: Vec<&str> = self.table.keys().map(String::as_str).filter(|key| !used.contains(*key)).collect();
@@ -80,7 +80,7 @@ mod tests {
     use super::Config;
 
     #[test]
-    fn typed_getters_read_their_keys_and_finish_rejects_the_rest() {
+    fn getters_read_keys_finish_rejects_rest() {
         let config = Config::parse("imbalance = 4\nweight = 0.5\nname = \"a\"\nstrict = true\ntypo = 1\n").unwrap();
         assert_eq!(config.u64("imbalance", 0).unwrap(), 4);
         assert_eq!(config.f64("weight", 0.0).unwrap(), 0.5);
@@ -92,7 +92,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_types_name_the_key() {
+    fn wrong_type_error_names_key() {
         let config = Config::parse("imbalance = -1\nweight = \"x\"").unwrap();
         assert!(config.u64("imbalance", 0).unwrap_err().contains("imbalance"));
         assert!(config.f64("weight", 0.0).unwrap_err().contains("weight"));

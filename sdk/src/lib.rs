@@ -5,7 +5,7 @@
 //! export macros ([`export_router!`], [`export_evictor!`], [`export_admission!`]) turns the
 //! crate into a plugin when it is built for `wasm32-unknown-unknown` and wrapped as a component
 //! (`kvsidecar plugin build`). The same type can be tested natively with the harnesses of
-//! [`testing`], which check every answer the way the sidecar does.
+//! [`testing`], which check every result the way the sidecar does.
 //!
 //! ```
 //! use kvsidecar_sdk::{Candidate, Config, Decision, Request, Router};
@@ -48,7 +48,7 @@ pub trait Router: Sized + 'static {
     /// Builds the policy from its `config` table. An error stops the plugin from loading.
     fn new(config: &Config) -> Result<Self, String>;
 
-    /// Decides one request. `candidates` holds at least one engine slot.
+    /// Decides one request. `candidates` contains at least one engine slot.
     fn route(&mut self, request: &Request, candidates: &[Candidate]) -> Decision;
 }
 
@@ -58,13 +58,14 @@ pub trait Evictor: Sized + 'static {
     /// Builds the policy from its `config` table. An error stops the plugin from loading.
     fn new(config: &Config) -> Result<Self, String>;
 
-    /// A snapshot was stored. A fresh instance receives one call for every stored snapshot.
+    /// Records a stored snapshot. A fresh instance receives one call for every stored snapshot.
+    /// The same id can arrive again when a change races with that replay; treat it as an update.
     fn on_insert(&mut self, snapshot: Snapshot);
 
-    /// A snapshot was restored; its hits and last access are updated.
+    /// Records a restore of a snapshot, with its hits and last access updated.
     fn on_access(&mut self, snapshot: Snapshot);
 
-    /// A snapshot left the store.
+    /// Records that a snapshot left the store. Ignore an id the policy does not know.
     fn on_remove(&mut self, id: &str);
 
     /// Returns ids of stored snapshots that together free at least `bytes`. The sidecar deletes

@@ -1,5 +1,5 @@
 //! Native test harnesses: run a policy with `cargo test`, without WebAssembly, and check each
-//! answer the way kvsidecar does.
+//! result the way kvsidecar does.
 //!
 //! ```
 //! use kvsidecar_sdk::testing::RouterHarness;
@@ -94,7 +94,7 @@ impl<E: Evictor> EvictorHarness<E> {
         }
     }
 
-    /// Asks for `bytes` of room, checks the answer, removes the victims and returns their ids.
+    /// Requests `bytes` of room, checks the victim list, removes the victims and returns their ids.
     pub fn evict(&mut self, bytes: u64) -> Result<Vec<String>, InvalidVictims> {
         let answer = self.policy.choose_victims(bytes);
         let victims = check::victims(answer, |id| self.stored.contains_key(id))?;

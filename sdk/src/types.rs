@@ -1,9 +1,9 @@
 //! Rust types of the policy interface, one for each record and enum of `wit/policy.wit`.
 
-/// What a routing candidate is.
+/// Kind of a routing candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CandidateKind {
-    /// An engine slot beside this sidecar: it can serve the request and holds KV of its own.
+    /// An engine slot beside this sidecar: it can serve the request and contains KV of its own.
     EngineSlot,
     /// The sidecar's snapshot store: a source of KV only, restored into the serving slot.
     LocalStore,
@@ -18,7 +18,7 @@ impl CandidateKind {
     }
 }
 
-/// Where a candidate's KV is kept.
+/// Storage tier of a candidate's KV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
     /// Accelerator memory of the engine.
@@ -51,19 +51,19 @@ pub struct Request {
 pub struct Candidate {
     /// Stable name, such as `slot-2` or `store`.
     pub id: String,
-    /// What the candidate is.
+    /// Kind of the candidate.
     pub kind: CandidateKind,
     /// Leading prompt tokens whose KV the candidate holds for the request's namespace.
     pub matched_tokens: u32,
-    /// Tokens of KV the candidate holds now, of any namespace.
+    /// Tokens of KV the candidate contains now, of any namespace.
     pub resident_tokens: u32,
-    /// Where the candidate's KV is kept.
+    /// Storage tier of the candidate's KV.
     pub tier: Tier,
     /// Requests running on the candidate now.
     pub in_flight: u32,
     /// Requests waiting for the candidate.
     pub queue_depth: u32,
-    /// Whether the candidate answered its last health check.
+    /// Whether the candidate passed its last health check.
     pub healthy: bool,
     /// Estimated milliseconds to move the matched KV to the serving slot.
     pub transfer_cost_ms: f64,
@@ -93,7 +93,7 @@ impl Candidate {
         Candidate { id: "store".into(), kind: CandidateKind::LocalStore, matched_tokens: matched, resident_tokens: matched, tier: Tier::Disk, ..Candidate::slot(0) }
     }
 
-    /// Sets the prompt tokens the candidate holds; a slot then holds at least as many.
+    /// Sets the matched prompt tokens, and raises the resident tokens to at least as many.
     pub fn matched(mut self, tokens: u32) -> Candidate {
         self.matched_tokens = tokens;
         self.resident_tokens = self.resident_tokens.max(tokens);
@@ -113,7 +113,7 @@ impl Candidate {
     }
 }
 
-/// A router's answer: a score per candidate and the source of the request's KV.
+/// A router's decision: a score per candidate and the source of the request's KV.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision {
     /// One finite score per candidate, in the order given. The serving candidate is the engine
@@ -139,7 +139,7 @@ impl Decision {
     }
 }
 
-/// A stored snapshot, as the evictor sees it.
+/// A stored snapshot, as the evictor receives it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Snapshot {
     /// Hex digest that names the snapshot.

@@ -21,37 +21,51 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         ("GET", "/admin/stats") => stats(&app),
         ("GET", "/admin/snapshots") => snapshots(&app).await,
         ("GET", "/admin/plugins") => json_response(StatusCode::OK, &app.plugins.describe()),
-        (_, "/admin/plugins/reload") => json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": {"message": format!("{method} /admin/plugins/reload is not allowed; use POST"), "code": "method_not_allowed"}}),
+        (_, "/admin/plugins/reload") => with_allow(
+            json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": {"message": format!("{method} /admin/plugins/reload is not allowed; use POST"), "code": "method_not_allowed"}}),
+            ),
+            "POST",
         ),
         ("GET", _) => json_response(
             StatusCode::NOT_FOUND,
             &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots or /admin/plugins"), "code": "not_found"}}),
         ),
-        _ => json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": {"message": format!("{method} {path} is not allowed; the admin API accepts GET, and POST on /admin/plugins/reload"), "code": "method_not_allowed"}}),
+        _ => with_allow(
+            json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": {"message": format!("{method} {path} is not allowed; the admin API accepts GET, and POST on /admin/plugins/reload"), "code": "method_not_allowed"}}),
+            ),
+            "GET",
         ),
     }
+}
+
+fn with_allow(mut response: Response<ResponseBody>, methods: &'static str) -> Response<ResponseBody> {
+    response.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static(methods));
+    response
 }
 
 /// Reloads the plugins whose files changed, or only the kind named by `?kind=`. Answers 200
 /// when every reload succeeded or had nothing to do, 422 when a new version was rejected (the
 /// previous one keeps serving).
 async fn reload(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
-    let kind = match query.map(|query| query.split('&').find_map(|pair| pair.strip_prefix("kind="))) {
-        None | Some(None) => None,
-        Some(Some("router")) => Some(Kind::Router),
-        Some(Some("evictor")) => Some(Kind::Evictor),
-        Some(Some("admission")) => Some(Kind::Admission),
-        Some(Some(other)) => {
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                &json!({"error": {"message": format!("unknown plugin kind {other:?}; use router, evictor or admission, or no kind to reload all"), "code": "invalid_value", "param": "kind"}}),
-            );
-        }
-    };
+    let bad_request = |message: String| json_response(StatusCode::BAD_REQUEST, &json!({"error": {"message": message, "code": "invalid_value", "param": "kind"}}));
+    let mut kind = None;
+    for pair in query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+        let value = match pair.split_once('=') {
+            Some(("kind", value)) if kind.is_none() => value,
+            Some(("kind", _)) => return bad_request("kind is given more than once; name one kind, or none to reload all".into()),
+            _ => return bad_request(format!("unknown query parameter {pair:?}; the only parameter is kind=router|evictor|admission")),
+        };
+        kind = Some(match value {
+            "router" => Kind::Router,
+            "evictor" => Kind::Evictor,
+            "admission" => Kind::Admission,
+            other => return bad_request(format!("unknown plugin kind {other:?}; use router, evictor or admission, or no kind to reload all")),
+        });
+    }
     let plugins = app.plugins.clone();
     let reloaded = tokio::task::spawn_blocking(move || match kind {
         Some(kind) => vec![(kind, plugins.reload(kind))],

@@ -62,7 +62,7 @@ pub enum PluginCommand {
     Check {
         /// The component file.
         file: PathBuf,
-        /// The plugin's config table as inline TOML, such as '{ imbalance = 2 }'.
+        /// The plugin's config table as TOML, such as '{ imbalance = 2 }' or 'imbalance = 2'.
         #[arg(long, value_name = "TOML")]
         config: Option<String>,
     },

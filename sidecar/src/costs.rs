@@ -86,7 +86,7 @@ mod tests {
     use super::Costs;
 
     #[test]
-    fn observations_move_the_estimates_and_nonsense_is_ignored() {
+    fn observe_updates_estimates_ignores_invalid() {
         let costs = Costs::default();
         let before = costs.recompute_ms(1000);
         costs.observe_prefill(1000, 100.0);

@@ -41,24 +41,34 @@ fn plugin(command: PluginCommand) -> ExitCode {
             })
         }
         PluginCommand::Build { out, cargo_args } => {
+            let default_folder = out.is_none();
             let out = out.unwrap_or_else(|| config::Config::defaults().plugins.dir);
             tool::build(tool::TARGET, &cargo_args, &out).map(|written| {
                 for file in written {
-                    println!("{}", file.display());
+                    let sha256 = std::fs::read(&file).map(|bytes| kvsidecar::plugin::runtime::hex_sha256(&bytes)).unwrap_or_default();
+                    println!("wrote {} (sha256 {sha256})", file.display());
+                }
+                if default_folder {
+                    println!("into the folder beside this kvsidecar binary, its default plugins.dir; choose another with --out");
                 }
                 true
             })
         }
         PluginCommand::Check { file, config } => {
-            let table = match config.as_deref().map(|text| toml::from_str::<toml::Table>(&format!("config = {text}"))) {
+            let table = match config.as_deref().map(config::plugin_table) {
                 None => Ok(toml::Table::new()),
-                Some(Ok(table)) => match table.get("config") {
-                    Some(toml::Value::Table(inner)) => Ok(inner.clone()),
-                    _ => Err(anyhow::anyhow!("--config must be an inline TOML table, such as '{{ imbalance = 2 }}'")),
-                },
-                Some(Err(error)) => Err(anyhow::anyhow!("--config is not an inline TOML table ({}); write it like '{{ imbalance = 2 }}'", error.message())),
+                Some(Ok(table)) => Ok(table),
+                Some(Err(rule)) => Err(anyhow::anyhow!("invalid --config {:?}: {rule}", config.unwrap_or_default())),
             };
-            table.and_then(|table| tool::check(&file, table)).map(|report| {
+            // The deadline and memory cap come from the environment, as for `serve`.
+            let settings = match config::load(&config::Overrides::default(), std::env::vars()) {
+                Ok(settings) => settings,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            table.and_then(|table| tool::check(&file, table, &settings)).map(|report| {
                 for (label, value) in &report.lines {
                     println!("{label:<18} {value}");
                 }

@@ -56,7 +56,7 @@ fn busy_listen_address_fails_with_hint() {
 }
 
 #[test]
-fn plugin_new_build_and_check_make_a_loadable_router() {
+fn plugin_new_build_check_flow() {
     let ws = Workspace::new();
     let parent = ws.path("policies");
     let run = |args: &[&str]| {

@@ -104,7 +104,7 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 }
 
 #[test]
-fn cost_aware_evictor_keeps_snapshots_with_high_hits_times_cost_per_byte() {
+fn cost_aware_keeps_valuable_snapshots() {
     let scripted = Scripted::new("cost-aware");
     script(&scripted);
     assert_eq!(scripted.kept(&NAMES), set(&["popular", "dense", "newcomer", "late"]));
@@ -112,7 +112,7 @@ fn cost_aware_evictor_keeps_snapshots_with_high_hits_times_cost_per_byte() {
 }
 
 #[test]
-fn lru_evictor_on_the_same_script_drops_the_valuable_snapshots() {
+fn lru_drops_valuable_snapshots() {
     let scripted = Scripted::new("lru");
     script(&scripted);
     // Least recently used first: dense, then popular, although both are worth the most per byte.
@@ -123,7 +123,7 @@ fn lru_evictor_on_the_same_script_drops_the_valuable_snapshots() {
 }
 
 #[test]
-fn a_fresh_evictor_instance_learns_the_stored_snapshots_with_their_hits() {
+fn fresh_evictor_replays_stored_snapshots() {
     let scripted = Scripted::new("cost-aware");
     script(&scripted);
     assert!(scripted.dir.path().join("plugin-cache").read_dir().unwrap().count() >= 1, "compiled plugins are cached on disk");

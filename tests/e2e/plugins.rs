@@ -34,7 +34,7 @@ fn count(entry: &Value, field: &str) -> u64 {
     entry[field].as_u64().unwrap_or_else(|| panic!("{field} missing in {entry}"))
 }
 
-/// A sidecar spec of `ws` with extra `KVSIDECAR_*` settings.
+/// Returns a sidecar spec of `ws` with extra `KVSIDECAR_*` settings.
 fn spec(ws: &Workspace, engine: &Engine, settings: &[(&str, &str)]) -> SidecarSpec {
     let mut spec = ws.sidecar(engine);
     spec.env.extend(settings.iter().map(|(key, value)| (key.to_string(), value.to_string())));
@@ -46,7 +46,7 @@ fn test_plugin(name: &str) -> String {
 }
 
 #[tokio::test]
-async fn default_config_runs_every_request_through_the_shipped_plugins() {
+async fn shipped_plugins_serve_default_config() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(2), &ws.logs()).await.unwrap();
     let sidecar = Sidecar::start(&ws.sidecar(&engine), &ws.logs()).await.unwrap();
@@ -75,12 +75,12 @@ async fn default_config_runs_every_request_through_the_shipped_plugins() {
 }
 
 #[tokio::test]
-async fn a_router_that_picks_the_second_candidate_changes_the_serving_slot() {
+async fn second_candidate_router_changes_slot() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(2), &ws.logs()).await.unwrap();
     let prompt = tokens(7, 200);
 
-    // The built-in router keeps a repeated prompt on the slot that holds it: slot 0.
+    // The built-in router keeps a repeated prompt on the slot that contains it: slot 0.
     let mut builtin = Sidecar::start(&spec(&ws, &engine, &[("KVSIDECAR_PLUGINS_ROUTER_FILE", "builtin")]), &ws.logs()).await.unwrap();
     for _ in 0..3 {
         assert_eq!(served_slot(&complete(&builtin, &prompt, None).await), 0);
@@ -148,42 +148,42 @@ async fn faulty_router(fault: &str, on_failure: &str) {
 }
 
 #[tokio::test]
-async fn router_with_an_infinite_loop_is_stopped_at_its_deadline() {
+async fn router_loop_stopped_at_deadline() {
     faulty_router("loop", "fallback").await;
 }
 
 #[tokio::test]
-async fn router_growing_memory_past_the_cap_is_stopped() {
+async fn router_memory_growth_capped() {
     faulty_router("memory", "fallback").await;
 }
 
 #[tokio::test]
-async fn router_that_panics_is_replaced_by_a_fresh_instance() {
+async fn router_panic_gets_fresh_instance() {
     faulty_router("trap", "fallback").await;
 }
 
 #[tokio::test]
-async fn router_returning_too_many_scores_is_ignored_for_that_call() {
+async fn router_wrong_score_count_falls_back() {
     faulty_router("wrong-length", "fallback").await;
 }
 
 #[tokio::test]
-async fn router_returning_nan_scores_is_ignored_for_that_call() {
+async fn router_nan_scores_fall_back() {
     faulty_router("nan", "fallback").await;
 }
 
 #[tokio::test]
-async fn router_returning_no_scores_is_ignored_for_that_call() {
+async fn router_empty_scores_fall_back() {
     faulty_router("empty", "fallback").await;
 }
 
 #[tokio::test]
-async fn failing_router_with_on_failure_reject_answers_503() {
+async fn router_failure_with_reject_is_503() {
     faulty_router("trap", "reject").await;
 }
 
 #[tokio::test]
-async fn evictor_naming_unknown_snapshots_falls_back_to_lru() {
+async fn evictor_unknown_victims_fall_back() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
     // The plugin answers the load check's sample call and its first call on each instance
@@ -208,7 +208,7 @@ async fn evictor_naming_unknown_snapshots_falls_back_to_lru() {
 }
 
 #[tokio::test]
-async fn a_plugin_importing_wasi_is_rejected_with_the_fix() {
+async fn wasi_importing_plugin_rejected() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
     let file = test_plugin("wasi-router");
@@ -240,7 +240,7 @@ fn sha256(path: &Path) -> String {
 }
 
 #[tokio::test]
-async fn swapping_the_router_under_load_fails_no_request() {
+async fn router_hot_swap_under_load() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(2), &ws.logs()).await.unwrap();
     let versions = [test_plugins().join("pick-first.wasm"), test_plugins().join("pick-second.wasm")];

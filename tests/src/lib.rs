@@ -159,15 +159,11 @@ impl Process {
 
     fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let status = self.wait(within);
+        if status.is_none() {
+            self.kill();
         }
-        self.kill();
-        None
+        status
     }
 
     fn running(&mut self) -> bool {

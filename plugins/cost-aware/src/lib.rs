@@ -99,7 +99,7 @@ mod tests {
     use kvsidecar_sdk::testing::EvictorHarness;
 
     #[test]
-    fn snapshots_with_more_hits_times_cost_per_byte_stay() {
+    fn evict_keeps_high_value_per_byte() {
         let mut evictor = EvictorHarness::<super::CostAware>::new("").unwrap();
         evictor.insert("cheap-large", 1000, 100, 100.0);
         evictor.insert("costly-small", 100, 100, 100.0);
@@ -112,7 +112,7 @@ mod tests {
     }
 
     #[test]
-    fn values_age_so_idle_snapshots_eventually_leave() {
+    fn evict_ages_idle_snapshots_out() {
         let mut evictor = EvictorHarness::<super::CostAware>::new("").unwrap();
         evictor.insert("old-favourite", 100, 10, 10.0);
         for _ in 0..5 {

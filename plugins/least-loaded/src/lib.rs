@@ -35,7 +35,7 @@ mod tests {
     use kvsidecar_sdk::{Candidate, Request};
 
     #[test]
-    fn the_idle_slot_serves_even_without_a_prefix() {
+    fn route_idle_slot_wins_without_prefix() {
         let mut router = RouterHarness::<super::LeastLoaded>::new("").unwrap();
         let candidates = [Candidate::slot(0).matched(500).load(1, 1), Candidate::slot(1), Candidate::store(900)];
         let choice = router.route(&Request::default(), &candidates).unwrap();

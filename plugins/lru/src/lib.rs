@@ -64,7 +64,7 @@ mod tests {
     use kvsidecar_sdk::testing::EvictorHarness;
 
     #[test]
-    fn the_least_recently_used_snapshots_leave_first() {
+    fn evict_least_recently_used_first() {
         let mut evictor = EvictorHarness::<super::Lru>::new("").unwrap();
         for id in ["a", "b", "c"] {
             evictor.insert(id, 100, 10, 1.0);

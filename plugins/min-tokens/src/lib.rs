@@ -40,7 +40,7 @@ mod tests {
     use kvsidecar_sdk::testing::AdmissionHarness;
 
     #[test]
-    fn long_new_prompts_that_fit_are_admitted() {
+    fn admit_long_new_fitting_prompts() {
         let mut admission = AdmissionHarness::<super::MinTokens>::new("min_tokens = 100").unwrap();
         let candidate = AdmissionCandidate { tokens: 150, estimated_bytes: 1000, store_capacity: 10_000, ..Default::default() };
         assert!(admission.admit(&candidate));

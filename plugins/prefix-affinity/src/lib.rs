@@ -28,7 +28,7 @@ impl Router for PrefixAffinity {
         let Some(least_load) = servers.iter().map(|&index| candidates[index].total_load()).min() else {
             return Decision::default();
         };
-        // The longest prefix, then the lower load, then the first.
+        // The maximum matched prefix, then the minimum load, then the first.
         let affine = servers.iter().copied().max_by_key(|&index| {
             let candidate = &candidates[index];
             (candidate.matched_tokens, std::cmp::Reverse(candidate.total_load()), std::cmp::Reverse(index))
@@ -87,21 +87,21 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_prefix_wins_when_load_is_balanced() {
+    fn route_balanced_load_longest_prefix_wins() {
         let candidates = [Candidate::slot(0).matched(10), Candidate::slot(1).matched(300).load(1, 0), Candidate::slot(2)];
         let choice = router().route(&Request::default(), &candidates).unwrap();
         assert_eq!((choice.serve, choice.kv_source), (1, Some(1)));
     }
 
     #[test]
-    fn an_overloaded_prefix_slot_loses_to_the_least_loaded_slot() {
+    fn route_overloaded_prefix_slot_loses() {
         let candidates = [Candidate::slot(0).matched(300).load(1, 5), Candidate::slot(1).matched(20), Candidate::slot(2).load(1, 0)];
         let choice = router().route(&Request::default(), &candidates).unwrap();
         assert_eq!(choice.serve, 1);
     }
 
     #[test]
-    fn a_miss_goes_by_load_and_then_keeps_the_larger_cache() {
+    fn route_miss_by_load_keeps_large_cache() {
         let mut busy_empty = Candidate::slot(0).load(1, 2);
         busy_empty.resident_tokens = 0;
         let mut idle_full = Candidate::slot(1);
@@ -113,7 +113,7 @@ mod tests {
     }
 
     #[test]
-    fn a_longer_stored_prefix_is_restored_into_a_spare_slot_when_cheaper() {
+    fn route_restores_cheaper_stored_prefix() {
         let mut slot = Candidate::slot(0).matched(64);
         slot.recompute_cost_ms = 500.0;
         let mut other = Candidate::slot(1);
@@ -130,7 +130,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_config_keys_fail_the_load() {
+    fn config_unknown_key_fails_load() {
         assert!(RouterHarness::<super::PrefixAffinity>::new("imbalanse = 2").is_err());
         assert!(RouterHarness::<super::PrefixAffinity>::new("imbalance = 2").is_ok());
     }

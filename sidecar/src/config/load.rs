@@ -312,11 +312,13 @@ impl Sources {
         if !(0.0..=1.0).contains(&low) || low > high {
             fail(self, "store.low_watermark", low.to_string(), "must be a fraction of store.capacity from 0 to store.high_watermark, such as 0.85");
         }
-        if config.plugins.deadline.is_zero() || config.plugins.deadline > Duration::from_secs(10) {
-            fail(self, "plugins.deadline", humantime::format_duration(config.plugins.deadline).to_string(), "must be longer than 0s and at most 10s");
+        // Deadlines are counted in 1 ms ticks, so shorter ones would be imprecise.
+        if config.plugins.deadline < Duration::from_millis(5) || config.plugins.deadline > Duration::from_secs(10) {
+            fail(self, "plugins.deadline", humantime::format_duration(config.plugins.deadline).to_string(), "must be between 5ms and 10s");
         }
-        if config.plugins.memory_limit.as_u64() < 1 << 20 || config.plugins.memory_limit.as_u64() > 4 << 30 {
-            fail(self, "plugins.memory_limit", config.plugins.memory_limit.to_string(), "must be between 1 MiB and 4 GiB");
+        // A Rust plugin's memory starts at about 1.1 MiB.
+        if config.plugins.memory_limit.as_u64() < 4 << 20 || config.plugins.memory_limit.as_u64() > 4 << 30 {
+            fail(self, "plugins.memory_limit", config.plugins.memory_limit.to_string(), "must be between 4 MiB and 4 GiB");
         }
         if !valid_log_filter(&config.log.level) {
             fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
@@ -345,6 +347,15 @@ fn default_plugin_dir() -> PathBuf {
 
 fn known_keys_rule(path: &str) -> String {
     let section = path.split('.').next().unwrap_or_default();
+    if let Some(subsection) = SUBSECTIONS.iter().find(|sub| path.strip_prefix(*sub).is_some_and(|tail| tail.starts_with('.'))) {
+        return format!("unknown key in [{subsection}]; its keys are file, on_failure and config, and the plugin's own settings go in [{subsection}.config]");
+    }
+    if SUBSECTIONS.contains(&path) {
+        return format!("must be a table [{path}] with the keys file, on_failure and config");
+    }
+    if section == "plugins" {
+        return "unknown key in [plugins]; its keys are dir, cache_dir, deadline, memory_limit, watch and warn_interval, and the tables [plugins.router], [plugins.evictor] and [plugins.admission]".into();
+    }
     if SECTIONS.contains(&section) {
         format!("unknown key in [{section}]; config/kvsidecar.toml lists the known keys")
     } else {
@@ -480,20 +491,25 @@ impl ConfigValue for PluginFile {
 }
 
 impl ConfigValue for toml::Table {
-    /// Accepts a TOML table, or from the environment its inline form (`{ imbalance = 2 }`).
+    /// Accepts a TOML table, or from the environment its text in either form.
     fn parse(value: &toml::Value) -> Result<Self, String> {
-        let rule = || "must be a table of the plugin's settings, such as { imbalance = 2 }".to_string();
         match value {
             toml::Value::Table(table) => Ok(table.clone()),
-            toml::Value::String(s) => {
-                let table: toml::Table = toml::from_str(&format!("config = {s}")).map_err(|_| rule())?;
-                match table.get("config") {
-                    Some(toml::Value::Table(inner)) => Ok(inner.clone()),
-                    _ => Err(rule()),
-                }
-            }
-            _ => Err(rule()),
+            toml::Value::String(text) => plugin_table(text),
+            _ => Err("must be a table of the plugin's settings, such as { imbalance = 2 }".into()),
         }
+    }
+}
+
+/// Parses a plugin's settings written as an inline table (`{ imbalance = 2 }`) or as TOML lines
+/// (`imbalance = 2`).
+pub fn plugin_table(text: &str) -> Result<toml::Table, String> {
+    if let Ok(table) = text.parse::<toml::Table>() {
+        return Ok(table);
+    }
+    match toml::from_str::<toml::Table>(&format!("config = {text}")).ok().and_then(|mut outer| outer.remove("config")) {
+        Some(toml::Value::Table(inner)) => Ok(inner),
+        _ => Err("must be a table of the plugin's settings, as `{ imbalance = 2 }` or `imbalance = 2`".into()),
     }
 }
 

@@ -12,7 +12,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{ConfigError, ConfigIssue, Overrides, load};
+pub use load::{ConfigError, ConfigIssue, Overrides, load, plugin_table};
 pub use bytesize::ByteSize;
 
 /// The whole configuration, one field per TOML section.

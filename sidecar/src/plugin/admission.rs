@@ -14,6 +14,7 @@ use crate::config::OnFailure;
 pub struct AdmissionInterface;
 
 impl Interface for AdmissionInterface {
+    const REUSE_CHECKED_INSTANCE: bool = true;
     const KIND: Kind = Kind::Admission;
     type Pre = AdmissionPolicyPre<HostState>;
     type Bindings = super::bindings::admission::AdmissionPolicy;

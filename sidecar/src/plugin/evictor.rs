@@ -2,6 +2,7 @@
 //! needs room. Its instance keeps state between calls, so calls run one at a time, and a fresh
 //! instance first receives an insert event for every stored snapshot.
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -20,6 +21,7 @@ use crate::store::{EvictionHook, SnapshotMeta, Store};
 pub struct EvictorInterface;
 
 impl Interface for EvictorInterface {
+    const REUSE_CHECKED_INSTANCE: bool = false;
     const KIND: Kind = Kind::Evictor;
     type Pre = EvictorPolicyPre<HostState>;
     type Bindings = super::bindings::evictor::EvictorPolicy;
@@ -99,10 +101,24 @@ impl EvictionPolicy {
         }
     }
 
-    /// Runs `call` on the evictor's instance; a fresh instance is first told every stored snapshot.
+    /// Runs `call` on the evictor's instance. A fresh instance first receives every stored snapshot.
     fn call<T>(&self, call: impl FnOnce(&mut Instance<EvictorInterface>) -> Result<T, String>) -> Option<Result<T, super::CallError>> {
         let _serial = self.serial.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         self.plugin.call(|instance| self.replay(instance), call)
+    }
+
+    /// Delivers the events of one store change. A fresh instance gets none of them: its replay
+    /// read the store after the change, so it already reflects it.
+    fn deliver(&self, events: impl FnOnce(&mut Instance<EvictorInterface>) -> Result<(), String>) {
+        let replayed = Cell::new(false);
+        let _serial = self.serial.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.plugin.call(
+            |instance| {
+                replayed.set(true);
+                self.replay(instance)
+            },
+            |instance| if replayed.get() { Ok(()) } else { events(instance) },
+        );
     }
 
     fn replay(&self, instance: &mut Instance<EvictorInterface>) -> Result<(), String> {
@@ -118,26 +134,41 @@ impl EvictionPolicy {
 }
 
 impl EvictionHook for EvictionPolicy {
-    fn inserted(&self, meta: &SnapshotMeta) {
-        let snapshot = self.snapshot(meta);
-        self.call(|instance| instance.bindings.kvsidecar_policy_evictor().call_on_insert(&mut instance.store, &snapshot).map_err(|error| describe(&error)));
+    fn changed(&self, removed: &[Digest], inserted: Option<&SnapshotMeta>) {
+        let inserted = inserted.map(|meta| self.snapshot(meta));
+        self.deliver(|instance| {
+            for id in removed {
+                self.plugin.arm(&mut instance.store);
+                instance.bindings.kvsidecar_policy_evictor().call_on_remove(&mut instance.store, &id.to_hex()).map_err(|error| describe(&error))?;
+            }
+            if let Some(snapshot) = &inserted {
+                self.plugin.arm(&mut instance.store);
+                instance.bindings.kvsidecar_policy_evictor().call_on_insert(&mut instance.store, snapshot).map_err(|error| describe(&error))?;
+            }
+            Ok(())
+        });
     }
 
-    fn accessed(&self, meta: &SnapshotMeta) {
-        let snapshot = self.snapshot(meta);
-        self.call(|instance| instance.bindings.kvsidecar_policy_evictor().call_on_access(&mut instance.store, &snapshot).map_err(|error| describe(&error)));
-    }
-
-    fn removed(&self, id: &Digest) {
-        let id = id.to_hex();
-        self.call(|instance| instance.bindings.kvsidecar_policy_evictor().call_on_remove(&mut instance.store, &id).map_err(|error| describe(&error)));
+    fn accessed(&self, updated: &[SnapshotMeta]) {
+        let snapshots: Vec<wit::Snapshot> = updated.iter().map(|meta| self.snapshot(meta)).collect();
+        self.deliver(|instance| {
+            for snapshot in &snapshots {
+                self.plugin.arm(&mut instance.store);
+                instance.bindings.kvsidecar_policy_evictor().call_on_access(&mut instance.store, snapshot).map_err(|error| describe(&error))?;
+            }
+            Ok(())
+        });
     }
 
     fn choose_victims(&self, bytes: u64) -> Option<Vec<Digest>> {
         let store = self.store.get().and_then(Weak::upgrade);
+        let stored_count = store.as_ref().map(|store| store.len()).unwrap_or(0);
         let stored = |id: &str| Digest::from_hex(id).is_some_and(|digest| store.as_ref().is_some_and(|store| store.contains(&digest)));
         let called = self.call(|instance| {
             let answer = instance.bindings.kvsidecar_policy_evictor().call_choose_victims(&mut instance.store, bytes).map_err(|error| describe(&error))?;
+            if answer.len() > stored_count {
+                return Err(format!("invalid victims: {} ids for {stored_count} stored snapshots", answer.len()));
+            }
             let victims = check::victims(answer, stored).map_err(|invalid| format!("invalid victims: {invalid}"))?;
             Ok(victims.iter().filter_map(|id| Digest::from_hex(id)).collect::<Vec<_>>())
         });

@@ -3,7 +3,7 @@
 //!
 //! Each policy is a [`Plugin`]: the version in use (an `ArcSwap` of a prepared component), warm
 //! instances of it, and its counters. A call takes a warm instance of the current version or
-//! makes one, runs under a deadline and a memory cap, and checks the answer. Any failure (trap,
+//! makes one, runs under a deadline and a memory cap, and checks the result. Any failure (trap,
 //! deadline, memory cap, invalid answer) drops the instance, counts, warns at most once per
 //! `plugins.warn_interval`, and returns [`CallError`] so the caller can run the built-in policy.
 //! A reload prepares the new version off the request path, runs its load checks, and publishes
@@ -96,6 +96,9 @@ impl fmt::Display for CallError {
 /// The binding of one kind of policy to its generated component interface.
 pub trait Interface: Send + Sync + 'static {
     const KIND: Kind;
+    /// Whether an instance keeps nothing between calls that a sample call could disturb, so the
+    /// instance that passed the load check can serve.
+    const REUSE_CHECKED_INSTANCE: bool;
     /// The prepared component, with its exports looked up.
     type Pre: Clone + Send + Sync + 'static;
     /// A live instance's exports.
@@ -105,7 +108,7 @@ pub trait Interface: Send + Sync + 'static {
     fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self::Bindings>;
     fn info(bindings: &Self::Bindings, store: &mut Store<HostState>) -> wasmtime::Result<(String, String)>;
     fn init(bindings: &Self::Bindings, store: &mut Store<HostState>, config: &str) -> wasmtime::Result<Result<(), String>>;
-    /// Calls the plugin with sample input and checks the answer, before a version is published.
+    /// Calls the plugin with sample input and checks the result, before a version is published.
     fn smoke(bindings: &Self::Bindings, store: &mut Store<HostState>) -> Result<(), String>;
 }
 
@@ -125,8 +128,9 @@ pub struct Version<I: Interface> {
 }
 
 impl<I: Interface> Version<I> {
+    /// Returns `name@version` with the start of the SHA-256, which tells builds of one version apart.
     fn label(&self) -> String {
-        format!("{}@{}", self.name, self.version)
+        format!("{}@{} (sha256 {})", self.name, self.version, &self.sha256[..12])
     }
 }
 
@@ -143,7 +147,7 @@ pub struct Instance<I: Interface> {
 pub enum Reloaded {
     /// A new version is serving.
     Loaded { sha256: String, version: String, cached_compile: bool },
-    /// The file holds the version already serving.
+    /// The file contains the version already serving.
     Unchanged,
     /// The kind runs its built-in policy; there is no file.
     Builtin,
@@ -215,11 +219,19 @@ impl<I: Interface> Plugin<I> {
         let Some(path) = &self.path else { return Reloaded::Builtin };
         let _serial = self.reload_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match self.prepare(path) {
-            Ok(None) => Reloaded::Unchanged,
-            Ok(Some((version, cached))) => {
+            Ok(None) => {
+                self.last_reload_error.store(None);
+                Reloaded::Unchanged
+            }
+            Ok(Some((version, cached, checked))) => {
                 let reloaded = Reloaded::Loaded { sha256: version.sha256.clone(), version: version.version.clone(), cached_compile: cached };
                 tracing::info!(plugin.kind = %I::KIND, plugin.name = %version.name, plugin.version = %version.version, plugin.sha256 = %version.sha256, cached_compile = cached, "plugin loaded");
+                let generation = version.generation;
                 self.current.store(Some(Arc::new(version)));
+                if I::REUSE_CHECKED_INSTANCE {
+                    let mut pool = self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    pool.push(Instance { generation, store: checked.0, bindings: checked.1 });
+                }
                 self.reloads.fetch_add(1, Ordering::Relaxed);
                 self.last_reload_error.store(None);
                 reloaded
@@ -227,8 +239,11 @@ impl<I: Interface> Plugin<I> {
             Err(error) => {
                 let error = error.to_string();
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                let repeated = self.last_reload_error.load_full().is_some_and(|last| *last == error);
                 self.last_reload_error.store(Some(Arc::new(error.clone())));
                 match self.current() {
+                    // A file rewritten many times a second must not flood the log with one error.
+                    Some(_) if repeated => tracing::debug!(plugin.kind = %I::KIND, error = %error, "new plugin version rejected again"),
                     Some(serving) => tracing::error!(plugin.kind = %I::KIND, error = %error, serving = %serving.label(), "new plugin version rejected; the previous version keeps serving"),
                     None => tracing::error!(plugin.kind = %I::KIND, error = %error, "plugin failed to load"),
                 }
@@ -243,8 +258,10 @@ impl<I: Interface> Plugin<I> {
         (outcome, self.current().map(|version| (version.name.clone(), version.version.clone())))
     }
 
-    /// Prepares the file at `path` as a new version; None when it is the version serving.
-    fn prepare(&self, path: &std::path::Path) -> Result<Option<(Version<I>, bool)>, LoadError> {
+    /// Prepares the file at `path` as a new version, and returns it with whether its compile was
+    /// cached and the instance that passed the load check; None when it is the version serving.
+    #[allow(clippy::type_complexity)]
+    fn prepare(&self, path: &std::path::Path) -> Result<Option<(Version<I>, bool, (Store<HostState>, I::Bindings))>, LoadError> {
         let prepared = self.runtime.prepare(path)?;
         if self.current().is_some_and(|serving| serving.sha256 == prepared.sha256) {
             return Ok(None);
@@ -256,15 +273,16 @@ impl<I: Interface> Plugin<I> {
         let pre = I::pre(prepared.pre).map_err(|error| check(format!("{error:#}")))?;
         let config_text = toml::to_string(&self.setting.config).map_err(|error| check(error.to_string()))?;
         let mut store = self.runtime.store();
-        let bindings = I::instantiate(&pre, &mut store).map_err(|error| check(format!("instantiation failed: {error:#}")))?;
+        let bindings = I::instantiate(&pre, &mut store).map_err(|error| check(format!("instantiation failed: {}", describe(&error))))?;
         self.runtime.arm(&mut store);
         let (name, version) = I::info(&bindings, &mut store).map_err(|error| check(format!("info() failed: {}", describe(&error))))?;
+        let (name, version) = (printable(&name), printable(&version));
         self.runtime.arm(&mut store);
         I::init(&bindings, &mut store, &config_text)
             .map_err(|error| check(format!("init() failed: {}", describe(&error))))?
-            .map_err(|reason| check(format!("init() rejected its config: {reason}")))?;
+            .map_err(|reason| check(format!("init() rejected its config: {}", clip(&reason))))?;
         self.runtime.arm(&mut store);
-        I::smoke(&bindings, &mut store).map_err(|reason| check(format!("sample call failed: {reason}")))?;
+        I::smoke(&bindings, &mut store).map_err(|reason| check(format!("sample call failed: {}", clip(&reason))))?;
         let version = Version {
             generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             name,
@@ -278,7 +296,7 @@ impl<I: Interface> Plugin<I> {
             pre,
             config_text,
         };
-        Ok(Some((version, prepared.cached)))
+        Ok(Some((version, prepared.cached, (store, bindings))))
     }
 
     /// Makes a fresh instance of `version` and initialises it with its config.
@@ -288,7 +306,7 @@ impl<I: Interface> Plugin<I> {
         self.runtime.arm(&mut store);
         I::init(&bindings, &mut store, &version.config_text)
             .map_err(|error| format!("init() failed: {}", describe(&error)))?
-            .map_err(|reason| format!("init() rejected its config: {reason}"))?;
+            .map_err(|reason| format!("init() rejected its config: {}", clip(&reason)))?;
         Ok(Instance { generation: version.generation, store, bindings })
     }
 
@@ -327,7 +345,7 @@ impl<I: Interface> Plugin<I> {
             }
             Err(reason) => {
                 // The instance is dropped: after a trap it cannot be entered again, and after an
-                // invalid answer its state is suspect.
+                // invalid result its state is suspect.
                 version.failures.fetch_add(1, Ordering::Relaxed);
                 let error = CallError { plugin: version.label(), reason };
                 self.warn(&error);
@@ -347,17 +365,21 @@ impl<I: Interface> Plugin<I> {
             return;
         }
         let suppressed = self.suppressed_warnings.swap(0, Ordering::Relaxed);
+        let consequence = match (self.setting.on_failure, I::KIND) {
+            (OnFailure::Fallback, _) => "the built-in policy decides this call",
+            (OnFailure::Reject, Kind::Router) => "the request is rejected with 503 (on_failure = \"reject\")",
+            (OnFailure::Reject, _) => "the snapshot is not stored (on_failure = \"reject\")",
+        };
         tracing::warn!(
             plugin.kind = %I::KIND,
             plugin = %error.plugin,
             error = %error.reason,
-            on_failure = self.setting.on_failure.as_str(),
             failures_not_logged = suppressed,
-            "plugin call failed; the built-in policy decides this call and the plugin gets a fresh instance"
+            "plugin call failed: {consequence}; the next call gets a fresh instance"
         );
     }
 
-    /// The plugin as `/admin/plugins` shows it.
+    /// Returns the plugin's entry in `/admin/plugins`.
     pub fn describe(&self) -> serde_json::Value {
         let version = self.current();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -375,7 +397,7 @@ impl<I: Interface> Plugin<I> {
             "failures": version.as_ref().map(|v| load(&v.failures)).unwrap_or(0),
             "fallbacks": load(&self.fallbacks),
             "rejections": load(&self.rejections),
-            "reloads": load(&self.reloads),
+            "loads": load(&self.reloads),
             "reload_failures": load(&self.reload_failures),
             "last_reload_error": self.last_reload_error.load_full().map(|error| error.as_str().to_string()),
             "on_failure": self.setting.on_failure.as_str(),
@@ -383,20 +405,46 @@ impl<I: Interface> Plugin<I> {
     }
 }
 
-/// Describes a wasmtime error by its trap, or by its message.
+/// Longest plugin name or version kept, in characters.
+const MAX_LABEL: usize = 64;
+
+/// Returns `text` cut to [`MAX_LABEL`] characters with control characters replaced, so a
+/// plugin's name and version are safe to log and show.
+fn printable(text: &str) -> String {
+    let label: String = text.chars().take(MAX_LABEL).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if label.is_empty() { "unnamed".into() } else { label }
+}
+
+/// Longest text kept from a plugin's error message, in characters.
+const MAX_MESSAGE: usize = 512;
+
+/// Returns a plugin-supplied message cut to [`MAX_MESSAGE`] characters, with control characters
+/// replaced so it cannot forge log lines.
+fn clip(text: &str) -> String {
+    let mut clipped: String = text.chars().take(MAX_MESSAGE).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if text.chars().nth(MAX_MESSAGE).is_some() {
+        clipped.push_str(" [cut]");
+    }
+    clipped
+}
+
+/// Describes a wasmtime error in one line: the trap, or the innermost cause (a memory limit, for
+/// example), without the wasm backtrace that wasmtime attaches as context.
 pub fn describe(error: &wasmtime::Error) -> String {
-    match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => "deadline exceeded (plugins.deadline)".into(),
-        Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel".into(),
+    let trap = error.downcast_ref::<wasmtime::Trap>();
+    let text = match trap {
+        Some(wasmtime::Trap::Interrupt) => return "deadline exceeded (plugins.deadline)".into(),
+        Some(wasmtime::Trap::OutOfFuel) => return "ran out of fuel".into(),
+        // A Rust panic in a plugin ends in an `unreachable` instruction.
+        Some(wasmtime::Trap::UnreachableCodeReached) => return "trap: unreachable instruction executed (a Rust panic traps this way)".into(),
         Some(trap) => format!("trap: {trap}"),
-        None => {
-            let text = format!("{error:#}");
-            if text.contains("memory") && (text.contains("limit") || text.contains("grow")) {
-                format!("memory cap exceeded (plugins.memory_limit): {text}")
-            } else {
-                text
-            }
-        }
+        None => error.root_cause().to_string(),
+    };
+    let line = text.lines().next().unwrap_or_default().trim().to_string();
+    if line.contains("memory") && (line.contains("limit") || line.contains("grow")) {
+        format!("memory cap exceeded (plugins.memory_limit): {line}")
+    } else {
+        line
     }
 }
 
@@ -409,7 +457,7 @@ pub struct Plugins {
 
 /// Failure to load the configured plugins at start-up.
 #[derive(Debug, thiserror::Error)]
-#[error("{kind} plugin: {error}")]
+#[error("{kind} plugin (plugins.{kind}.file): {error}")]
 pub struct StartError {
     pub kind: Kind,
     pub error: String,
@@ -460,7 +508,7 @@ impl Plugins {
             .collect()
     }
 
-    /// The plugins as `/admin/plugins` shows them.
+    /// Returns the body of `/admin/plugins`.
     pub fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "interface_version": runtime::INTERFACE_VERSION,

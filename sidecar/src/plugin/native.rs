@@ -31,7 +31,7 @@ mod tests {
     use kvsidecar_sdk::Candidate;
 
     #[test]
-    fn the_longest_prefix_serves_unless_the_store_beats_it_by_the_gain() {
+    fn route_prefers_store_only_past_gain() {
         let candidates = [Candidate::slot(0).matched(100).load(1, 0), Candidate::slot(1), Candidate::store(150)];
         let choice = super::route(&candidates, 64).unwrap();
         assert_eq!((choice.serve, choice.kv_source), (0, Some(0)));

@@ -15,6 +15,7 @@ use crate::config::{Config, OnFailure};
 pub struct RouterInterface;
 
 impl Interface for RouterInterface {
+    const REUSE_CHECKED_INSTANCE: bool = true;
     const KIND: Kind = Kind::Router;
     type Pre = RouterPolicyPre<HostState>;
     type Bindings = super::bindings::router::RouterPolicy;
@@ -45,7 +46,7 @@ impl Interface for RouterInterface {
     }
 }
 
-/// Who decided a request's route.
+/// Source of a request's routing decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decider {
     Plugin,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, ResourceLimiter, Store};
 
 use super::Kind;
 use crate::config::PluginsConfig;
@@ -23,22 +23,67 @@ pub const INTERFACE_VERSION: &str = kvsidecar_sdk::INTERFACE_VERSION;
 /// Time between two epoch ticks; deadlines are whole ticks.
 const TICK: Duration = Duration::from_millis(1);
 
-/// Largest component file accepted.
-const MAX_COMPONENT_BYTES: u64 = 64 << 20;
+/// Largest component file accepted. The shipped plugins are about 300 KiB; compile time grows
+/// with size and a large file stalls a core for seconds.
+const MAX_COMPONENT_BYTES: u64 = 16 << 20;
 
-/// State of one plugin instance's store.
+/// State of one plugin instance's store: its memory budget.
 pub struct HostState {
-    limits: StoreLimits,
+    limits: Budget,
 }
 
-/// Why a component cannot be loaded.
+/// Bytes a table element is counted as against the memory budget (a function reference).
+const TABLE_ELEMENT_BYTES: usize = 16;
+
+/// The memory budget of one instance: all its linear memories and tables together, which a
+/// per-memory cap would not bound (a component may have several of each).
+struct Budget {
+    limit: usize,
+    used: usize,
+}
+
+impl Budget {
+    fn grow(&mut self, current: usize, desired: usize, what: &str) -> wasmtime::Result<bool> {
+        let next = self.used.saturating_sub(current).saturating_add(desired);
+        if next > self.limit {
+            return Err(wasmtime::Error::msg(format!(
+                "memory cap exceeded (plugins.memory_limit = {} bytes): growing a {what} would take the instance to {next} bytes",
+                self.limit
+            )));
+        }
+        self.used = next;
+        Ok(true)
+    }
+}
+
+impl ResourceLimiter for Budget {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.grow(current, desired, "memory")
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.grow(current.saturating_mul(TABLE_ELEMENT_BYTES), desired.saturating_mul(TABLE_ELEMENT_BYTES), "table")
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        16
+    }
+
+    fn memories(&self) -> usize {
+        8
+    }
+}
+
+/// Reason a component cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read plugin file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error(
-        "plugin file {path} does not exist. The shipped plugins are built with `kvsidecar plugin build -- --manifest-path KVSIDECAR_CHECKOUT/Cargo.toml -p prefix-affinity -p least-loaded -p lru -p cost-aware -p min-tokens`, which writes them to the folder `plugins` beside the kvsidecar binary"
-    )]
+    #[error("plugin file {path} does not exist{}", shipped_hint(path))]
     Missing { path: PathBuf },
     #[error("plugin file {path} is {bytes} bytes; the limit is {MAX_COMPONENT_BYTES}")]
     TooLarge { path: PathBuf, bytes: u64 },
@@ -50,7 +95,9 @@ pub enum LoadError {
     Imports { path: PathBuf, imports: String },
     #[error("plugin file {path} exports {exports}; a plugin exports exactly one of {PACKAGE}/router, /evictor or /admission at version {INTERFACE_VERSION}")]
     Exports { path: PathBuf, exports: String },
-    #[error("plugin file {path} is a {found} plugin, but it is configured as the {expected}")]
+    #[error("plugin file {path} is built against {PACKAGE}@{version}, but this kvsidecar implements {INTERFACE_VERSION}; rebuild the plugin with the SDK of this kvsidecar")]
+    Version { path: PathBuf, version: String },
+    #[error("plugin file {path} exports the {found} interface, but it is configured as plugins.{expected}.file; set it as plugins.{found}.file instead")]
     WrongKind { path: PathBuf, found: Kind, expected: Kind },
     #[error("plugin file {path} failed its load check: {reason}")]
     Check { path: PathBuf, reason: String },
@@ -67,7 +114,7 @@ pub struct Prepared {
     pub cached: bool,
 }
 
-/// What `kvsidecar plugin check` prints about a component.
+/// Summary of a component, as `kvsidecar plugin check` prints it.
 pub struct Inspection {
     pub kind: Option<Kind>,
     pub interface_version: Option<String>,
@@ -89,7 +136,8 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: &PluginsConfig) -> anyhow::Result<Runtime> {
         let mut wasm = wasmtime::Config::new();
-        wasm.wasm_component_model(true).epoch_interruption(true).cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // One compile thread leaves the other cores to requests while a new version compiles.
+        wasm.wasm_component_model(true).epoch_interruption(true).cranelift_opt_level(wasmtime::OptLevel::Speed).parallel_compilation(false);
         let engine = Engine::new(&wasm).map_err(|error| anyhow::anyhow!("{error:#}"))?;
         start_ticker(&engine);
         let deadline_ticks = (config.deadline.as_micros() / TICK.as_micros()).max(1) as u64;
@@ -110,16 +158,9 @@ impl Runtime {
     }
 
     /// Returns a store whose calls stop at the configured deadline and whose memories and
-    /// tables cannot grow past the configured cap.
+    /// tables together cannot grow past the configured cap.
     pub fn store(&self) -> Store<HostState> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.memory_limit)
-            .table_elements(1 << 20)
-            .instances(64)
-            .memories(8)
-            .tables(16)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = Budget { limit: self.memory_limit, used: 0 };
         let mut store = Store::new(&self.engine, HostState { limits });
         store.limiter(|state| &mut state.limits);
         store.set_epoch_deadline(self.deadline_ticks);
@@ -205,16 +246,54 @@ impl Runtime {
     }
 }
 
+/// File names of the shipped plugins.
+const SHIPPED: [&str; 5] = ["prefix-affinity.wasm", "least-loaded.wasm", "lru.wasm", "cost-aware.wasm", "min-tokens.wasm"];
+
+/// Returns how to build a missing shipped plugin, or nothing for other files.
+fn shipped_hint(path: &Path) -> String {
+    let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+    if !SHIPPED.contains(&name) {
+        return String::new();
+    }
+    ". It is a shipped plugin: build them with `kvsidecar plugin build -- --manifest-path KVSIDECAR_CHECKOUT/Cargo.toml -p prefix-affinity -p least-loaded -p lru -p cost-aware -p min-tokens`, which writes them to the folder `plugins` beside the kvsidecar binary (the default plugins.dir)".into()
+}
+
 fn read_component(path: &Path) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+
     let read_error = |source: std::io::Error| match source.kind() {
         std::io::ErrorKind::NotFound => LoadError::Missing { path: path.into() },
         _ => LoadError::Read { path: path.into(), source },
     };
-    let bytes = std::fs::metadata(path).map_err(read_error)?.len();
-    if bytes > MAX_COMPONENT_BYTES {
-        return Err(LoadError::TooLarge { path: path.into(), bytes });
+    let invalid = |reason: String| LoadError::Invalid { path: path.into(), reason };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        // A FIFO put in place of the file must not block the open.
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
     }
-    std::fs::read(path).map_err(read_error)
+    let file = options.open(path).map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(invalid(format!("it is not a regular file ({:?})", meta.file_type())));
+    }
+    if meta.len() > MAX_COMPONENT_BYTES {
+        return Err(LoadError::TooLarge { path: path.into(), bytes: meta.len() });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Bounded, in case the file grows while it is read.
+    file.take(MAX_COMPONENT_BYTES + 1).read_to_end(&mut bytes).map_err(read_error)?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        return Err(LoadError::TooLarge { path: path.into(), bytes: bytes.len() as u64 });
+    }
+    if !bytes.starts_with(b"\0asm") {
+        let start: Vec<String> = bytes.iter().take(4).map(|byte| format!("{byte:02x}")).collect();
+        let found = if start.is_empty() { "nothing (the file is empty)".to_string() } else { start.join(" ") };
+        return Err(invalid(format!("not a WebAssembly file: it starts with {found}, not 00 61 73 6d")));
+    }
+    Ok(bytes)
 }
 
 pub fn hex_sha256(bytes: &[u8]) -> String {
@@ -234,6 +313,15 @@ fn names(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>) {
 /// one policy interface of this version, and returns its kind and export name.
 fn check_component(engine: &Engine, path: &Path, component: &Component) -> Result<(Kind, String), LoadError> {
     let ty = component.component_type();
+    let other_version = ty
+        .imports(engine)
+        .map(|(name, _)| name.to_string())
+        .chain(ty.exports(engine).map(|(name, _)| name.to_string()))
+        .find_map(|name| name.strip_prefix(PACKAGE).and_then(|rest| rest.split_once('@')).map(|(_, version)| version.to_string()))
+        .filter(|version| version != INTERFACE_VERSION);
+    if let Some(version) = other_version {
+        return Err(LoadError::Version { path: path.into(), version });
+    }
     let foreign: Vec<String> = ty
         .imports(engine)
         .filter(|(name, item)| !is_types_import(engine, name, &item.ty))
@@ -250,8 +338,8 @@ fn check_component(engine: &Engine, path: &Path, component: &Component) -> Resul
     }
 }
 
-/// The interface's `types` holds only records and enums; a component may import it as an
-/// instance with no functions.
+/// Returns whether an import is the interface's `types`, which contains only records and enums
+/// and so may be imported as an instance with no functions.
 fn is_types_import(engine: &Engine, name: &str, item: &ComponentItem) -> bool {
     let types_interface = format!("{PACKAGE}/types@{INTERFACE_VERSION}");
     match item {

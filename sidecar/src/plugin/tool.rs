@@ -14,7 +14,7 @@ use crate::config::{Config, PluginConfig};
 /// The target plugins are built for: no WASI, so a plugin imports nothing.
 pub const TARGET: &str = "wasm32-unknown-unknown";
 
-/// Where the SDK sat when this binary was built; used by `plugin new` when it still exists.
+/// Location of the SDK when this binary was built. `plugin new` uses it when it still exists.
 const BUILD_SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk");
 
 /// Creates a policy crate named `name` of `kind` in `parent`, with a working example policy and
@@ -59,6 +59,9 @@ pub fn scaffold(name: &str, kind: Kind, parent: &Path, sdk: Option<&Path>) -> an
 /// `target` (normally [`TARGET`]) in release mode, wraps each module as a component, and writes
 /// it to `out/<crate-name>.wasm` by rename, so a watching sidecar never sees a partial file.
 pub fn build(target: &str, cargo_args: &[String], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if let Some(given) = cargo_args.iter().find(|arg| *arg == "--target" || arg.starts_with("--target=")) {
+        bail!("`{given}` is not allowed here: plugins are built for {TARGET}, and other targets (such as wasm32-wasip2) produce components that import WASI, which kvsidecar rejects");
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(&cargo)
         .args(["build", "--release", "--target", target, "--message-format=json-render-diagnostics"])
@@ -87,7 +90,7 @@ pub fn build(target: &str, cargo_args: &[String], out: &Path) -> anyhow::Result<
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!("cargo build failed ({status}); if the target is missing, run `rustup target add {target}`");
+        bail!("cargo build failed ({status}); its errors are above");
     }
     if modules.is_empty() {
         bail!("cargo built no cdylib crate; a plugin crate needs `crate-type = [\"cdylib\", \"rlib\"]` under [lib]");
@@ -133,17 +136,20 @@ fn is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
 }
 
-/// What `kvsidecar plugin check` found.
+/// Result of `kvsidecar plugin check`: labelled lines, and whether the sidecar would load the file.
 pub struct CheckReport {
     pub lines: Vec<(String, String)>,
     pub ok: bool,
 }
 
 /// Inspects the component at `path` and runs the sidecar's load checks on it with `config` as
-/// its config table: imports, exports, interface version, init, and a sample call.
-pub fn check(path: &Path, config: toml::Table) -> anyhow::Result<CheckReport> {
+/// its config table and the deadline and memory cap of `settings`: imports, exports, interface
+/// version, init, and a sample call.
+pub fn check(path: &Path, config: toml::Table, settings: &Config) -> anyhow::Result<CheckReport> {
+    // A relative path names a file in the current folder, not in plugins.dir.
+    let path = &std::path::absolute(path).with_context(|| format!("invalid path {}", path.display()))?;
     let scratch = tempfile::tempdir()?;
-    let mut settings = Config::defaults();
+    let mut settings = settings.clone();
     settings.plugins.cache_dir = scratch.path().to_path_buf();
     let runtime = std::sync::Arc::new(Runtime::new(&settings.plugins)?);
     let inspection = runtime.inspect(path)?;

@@ -37,7 +37,8 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoin
         Ok(response) => response,
         Err(error) => {
             Counters::add(&app.counters.requests_failed, 1);
-            if error.status.is_server_error() {
+            // Plugin failures are logged by the plugin host, rate-limited.
+            if error.status.is_server_error() && error.code != "policy_failed" {
                 tracing::warn!(endpoint = endpoint.as_str(), http.status = error.status.as_u16(), error = %error.message, "completion request failed");
             } else {
                 tracing::debug!(endpoint = endpoint.as_str(), http.status = error.status.as_u16(), error = %error.message, "completion request rejected");
@@ -63,9 +64,11 @@ enum KvSource {
 /// Header with the client's task or session id, passed to the router.
 pub const TASK_HEADER: &str = "x-kvsidecar-task-id";
 
-/// Asks the router policy which slot serves and where the KV comes from.
+/// Asks the router policy which slot serves and where the KV comes from. The policy runs on
+/// the blocking pool: a plugin call may run up to `plugins.deadline`, which must not hold up the
+/// async workers (and with them the engine health checks).
 #[allow(clippy::too_many_arguments)]
-fn route(
+async fn route(
     app: &App,
     ready: &Ready,
     headers: &http::HeaderMap,
@@ -117,7 +120,11 @@ fn route(
         tenant: tenant.to_string(),
         model: parsed.model.clone().unwrap_or_else(|| ready.info.model_id.clone()),
     };
-    let plan = app.plugins.router.route(&request, &candidates).map_err(|error| ApiError::policy_failed(&error))?;
+    let plugins = app.plugins.clone();
+    let plan = tokio::task::spawn_blocking(move || plugins.router.route(&request, &candidates))
+        .await
+        .map_err(|error| ApiError::internal(format!("router task failed: {error}")))?
+        .map_err(|error| ApiError::policy_failed(&error))?;
     let serve = plan.choice.serve;
     let slot = views.get(serve).map(|view| view.slot).ok_or_else(|| ApiError::internal(format!("router chose candidate {serve}, which is not a slot")))?;
     let kv = match plan.choice.kv_source {
@@ -186,7 +193,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     let min_gain = app.config.snapshot.restore_min_gain as usize;
     let (slot, kv) = match parsed.requested_slot {
         Some(slot) => (slot, KvSource::Builtin),
-        None => route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored)?,
+        None => route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored).await?,
     };
     let lease = ready.slots.acquire(slot).await.ok_or_else(|| ApiError::internal(format!("slot {slot} vanished")))?;
 
@@ -401,16 +408,19 @@ fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, outcom
         store_bytes: app.store.bytes(),
         store_capacity: app.config.store.capacity.as_u64(),
     };
-    if !app.plugins.admission.admit(&candidate) {
-        tracing::debug!(slot = lease.slot, tokens, "snapshot not admitted by the admission policy");
-        return;
-    }
     let Ok(permit) = app.snapshot_permits.clone().try_acquire_owned() else {
         Counters::add(&app.counters.snapshots_skipped, 1);
         tracing::debug!(slot = lease.slot, "snapshot skipped: saves already in progress");
         return;
     };
     tokio::spawn(async move {
+        // The admission policy runs on the blocking pool, as the router does.
+        let plugins = app.plugins.clone();
+        let admitted = tokio::task::spawn_blocking(move || plugins.admission.admit(&candidate)).await.unwrap_or(false);
+        if !admitted {
+            tracing::debug!(slot = lease.slot, tokens, "snapshot not admitted by the admission policy");
+            return;
+        }
         snapshot::save(&app, &ready, lease, plan.namespace, plan.tenant).await;
         drop(permit);
     });

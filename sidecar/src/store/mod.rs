@@ -96,9 +96,10 @@ pub enum StoreError {
 
 /// The eviction policy as the store sees it: told about every change, asked for victims.
 pub trait EvictionHook: Send + Sync {
-    fn inserted(&self, meta: &SnapshotMeta);
-    fn accessed(&self, meta: &SnapshotMeta);
-    fn removed(&self, id: &Digest);
+    /// Snapshots left the store, and one may have entered it, in one committed batch.
+    fn changed(&self, removed: &[Digest], inserted: Option<&SnapshotMeta>);
+    /// Snapshots were restored; their metadata carries the updated hits and last access.
+    fn accessed(&self, updated: &[SnapshotMeta]);
     /// Returns snapshots that together free at least `bytes`; the store checks them and adds
     /// least recently used ones for any shortfall. None refuses the insert.
     fn choose_victims(&self, bytes: u64) -> Option<Vec<Digest>>;

@@ -46,7 +46,9 @@ pub struct Store {
     chunk_size: usize,
     max_snapshot: u64,
     state: Mutex<State>,
-    /// Serialises inserts so that each flush carries exactly one snapshot's chunks.
+    /// Serialises writes: inserts, so that each flush carries exactly one snapshot's chunks, and
+    /// deletes and access updates, so that an update never writes back metadata of a snapshot
+    /// deleted after it was read.
     insert_lock: Mutex<()>,
     access: AccessLog,
     inserted: AtomicU64,
@@ -439,10 +441,7 @@ impl Store {
         self.inserted.fetch_add(1, Ordering::Relaxed);
         self.evicted.fetch_add(victims.len() as u64, Ordering::Relaxed);
         if let Some(hook) = self.hook.get() {
-            for victim in &victims {
-                hook.removed(victim);
-            }
-            hook.inserted(&meta);
+            hook.changed(&victims, Some(&meta));
         }
         self.reclaim(&victims);
         Ok(Some(victims))
@@ -480,6 +479,16 @@ impl Store {
         Ok(victims)
     }
 
+    /// Returns the number of stored snapshots.
+    pub fn len(&self) -> usize {
+        self.lock_state().entries.len()
+    }
+
+    /// Returns whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Returns the bytes stored now.
     pub fn bytes(&self) -> u64 {
         self.lock_state().bytes
@@ -506,6 +515,7 @@ impl Store {
 
     /// Deletes snapshots in one synced batch and reclaims their disk space.
     pub fn delete(&self, ids: &[Digest]) -> Result<(), StoreError> {
+        let _serial = self.insert_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut batch = WriteBatch::default();
         for id in ids {
             self.delete_into(&mut batch, id)?;
@@ -519,9 +529,7 @@ impl Store {
         }
         drop(state);
         if let Some(hook) = self.hook.get() {
-            for id in ids {
-                hook.removed(id);
-            }
+            hook.changed(ids, None);
         }
         self.reclaim(ids);
         Ok(())
@@ -627,6 +635,7 @@ impl Store {
             update.0 += 1;
             update.1 = update.1.max(record.at_ms);
         }
+        let _serial = self.insert_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut batch = WriteBatch::default();
         let mut updated = Vec::new();
         for (id, (hits, last_ms)) in updates {
@@ -639,9 +648,7 @@ impl Store {
         }
         self.db.write(batch)?;
         if let Some(hook) = self.hook.get() {
-            for meta in &updated {
-                hook.accessed(meta);
-            }
+            hook.accessed(&updated);
         }
         Ok(records.len())
     }
