@@ -49,8 +49,9 @@ pub struct Request {
 /// One place that can serve the request or provide its KV.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
-    /// Stable name, such as `slot-2` or `store`.
-    pub id: String,
+    /// Number of the candidate within its kind: the slot number of an engine slot, 0 for the
+    /// local store.
+    pub id: u32,
     /// Kind of the candidate.
     pub kind: CandidateKind,
     /// Leading prompt tokens whose KV the candidate holds for the request's namespace.
@@ -72,10 +73,10 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// Returns an idle, healthy engine slot named `slot-{index}` holding no KV.
+    /// Returns idle, healthy engine slot number `index`, with no KV.
     pub fn slot(index: u32) -> Candidate {
         Candidate {
-            id: format!("slot-{index}"),
+            id: index,
             kind: CandidateKind::EngineSlot,
             matched_tokens: 0,
             resident_tokens: 0,
@@ -90,7 +91,7 @@ impl Candidate {
 
     /// Returns the local store as a candidate holding `matched` tokens of the prompt.
     pub fn store(matched: u32) -> Candidate {
-        Candidate { id: "store".into(), kind: CandidateKind::LocalStore, matched_tokens: matched, resident_tokens: matched, tier: Tier::Disk, ..Candidate::slot(0) }
+        Candidate { id: 0, kind: CandidateKind::LocalStore, matched_tokens: matched, resident_tokens: matched, tier: Tier::Disk, ..Candidate::slot(0) }
     }
 
     /// Sets the matched prompt tokens, and raises the resident tokens to at least as many.

@@ -122,7 +122,7 @@ pub fn to_wit(request: &Request, candidates: &[Candidate]) -> (wit::Request, Vec
     let candidates = candidates
         .iter()
         .map(|candidate| wit::Candidate {
-            id: candidate.id.clone(),
+            id: candidate.id,
             kind: match candidate.kind {
                 CandidateKind::EngineSlot => wit::CandidateKind::EngineSlot,
                 CandidateKind::LocalStore => wit::CandidateKind::LocalStore,

@@ -86,7 +86,7 @@ async fn route(
     let mut candidates: Vec<Candidate> = views
         .iter()
         .map(|view| Candidate {
-            id: format!("slot-{}", view.slot),
+            id: view.slot,
             kind: CandidateKind::EngineSlot,
             matched_tokens: view.common as u32,
             resident_tokens: view.resident as u32,
@@ -100,7 +100,7 @@ async fn route(
         .collect();
     if stored > 0 {
         candidates.push(Candidate {
-            id: "store".into(),
+            id: 0,
             kind: CandidateKind::LocalStore,
             matched_tokens: stored as u32,
             resident_tokens: stored as u32,
