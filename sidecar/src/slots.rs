@@ -168,17 +168,6 @@ impl Slots {
             .map(|(slot, common, _)| SlotChoice { slot: *slot, common: *common })
     }
 
-    /// Chooses a slot to restore a snapshot into: a free slot whose contents matter least to
-    /// `prompt` (the shortest common prefix, then the least recently used), or a busy one if all
-    /// are busy.
-    pub fn victim_for_restore(&self, prompt: &[u32], namespace: &Namespace) -> Option<u32> {
-        let survey = self.survey(prompt, namespace);
-        survey
-            .iter()
-            .min_by_key(|(id, common, free)| (!*free, *common, self.last_used(*id)))
-            .map(|(slot, _, _)| *slot)
-    }
-
     fn last_used(&self, slot: u32) -> u64 {
         self.slots.get(slot as usize).map(|s| s.last_used.load(Ordering::Relaxed)).unwrap_or_default()
     }

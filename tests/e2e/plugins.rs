@@ -182,6 +182,44 @@ async fn router_failure_with_reject_is_503() {
     faulty_router("trap", "reject").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_router_leaves_engine_checks_alone() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(2), &ws.logs()).await.unwrap();
+    let file = test_plugin("faulty-router");
+    // Every faulty call runs for the whole deadline, longer than the engine health check's timeout.
+    let settings = [
+        ("KVSIDECAR_PLUGINS_ROUTER_FILE", file.as_str()),
+        ("KVSIDECAR_PLUGINS_ROUTER_CONFIG", "{ fault = \"loop\" }"),
+        ("KVSIDECAR_PLUGINS_DEADLINE", "3s"),
+    ];
+    let sidecar = Arc::new(Sidecar::start(&spec(&ws, &engine, &settings), &ws.logs()).await.unwrap());
+    let mut clients = Vec::new();
+    // More concurrent calls than the sidecar has async workers (one per core here).
+    for client in 0..3u64 {
+        let sidecar = sidecar.clone();
+        clients.push(tokio::spawn(async move {
+            complete(&sidecar, &tokens(700 + client, 32), Some("fault")).await.status
+        }));
+    }
+    // While the plugin calls run, the sidecar keeps answering and checking the engine. A
+    // call that held an async worker would hold these answers for up to the 3 s deadline.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        let started = Instant::now();
+        let ready = get(&format!("{}/readyz", sidecar.url)).await.unwrap();
+        assert_eq!(ready.status, 200, "{}", String::from_utf8_lossy(&ready.body));
+        assert!(started.elapsed() < Duration::from_secs(1), "readyz took {:?} while plugin calls ran", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for client in clients {
+        assert_eq!(client.await.unwrap(), 200);
+    }
+    let router = plugin(&sidecar, "router").await;
+    assert_eq!(count(&router, "failures"), 3, "{router}");
+    assert!(!sidecar.log().contains("engine health check failed"), "{}", sidecar.log());
+}
+
 #[tokio::test]
 async fn evictor_unknown_victims_fall_back() {
     let ws = Workspace::new();

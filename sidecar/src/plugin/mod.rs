@@ -270,7 +270,7 @@ impl<I: Interface> Plugin<I> {
             return Err(LoadError::WrongKind { path: path.into(), found: prepared.kind, expected: I::KIND });
         }
         let check = |reason: String| LoadError::Check { path: path.into(), reason };
-        let pre = I::pre(prepared.pre).map_err(|error| check(format!("{error:#}")))?;
+        let pre = I::pre(prepared.pre).map_err(|error| check(format!("its exports do not match the interface {}: {}", I::KIND.export_name(), describe(&error))))?;
         let config_text = toml::to_string(&self.setting.config).map_err(|error| check(error.to_string()))?;
         let mut store = self.runtime.store();
         let bindings = I::instantiate(&pre, &mut store).map_err(|error| check(format!("instantiation failed: {}", describe(&error))))?;
