@@ -248,8 +248,10 @@ async fn evictor_unknown_victims_fall_back() {
 #[tokio::test]
 async fn wasi_importing_plugin_rejected() {
     let ws = Workspace::new();
-    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let engine = Engine::start(&ws.tiny_engine(2), &ws.logs()).await.unwrap();
     let file = test_plugin("wasi-router");
+
+    // At start-up: the sidecar does not start, and says why and what to do.
     let mut sidecar = Sidecar::spawn(&spec(&ws, &engine, &[("KVSIDECAR_PLUGINS_ROUTER_FILE", &file)]), &ws.logs()).unwrap();
     let status = sidecar.wait_exit(Duration::from_secs(60));
     let log = sidecar.log();
@@ -257,6 +259,26 @@ async fn wasi_importing_plugin_rejected() {
     assert!(log.contains("imports wasi:"), "{log}");
     assert!(log.contains("wasm32-unknown-unknown"), "{log}");
 
+    // While serving: the new version is rejected, the serving one keeps deciding.
+    let live = ws.path("live-plugins").join("router.wasm");
+    replace(&test_plugins().join("pick-second.wasm"), &live);
+    let live_text = live.display().to_string();
+    let sidecar = Sidecar::start(&spec(&ws, &engine, &[("KVSIDECAR_PLUGINS_ROUTER_FILE", &live_text)]), &ws.logs()).await.unwrap();
+    replace(Path::new(&file), &live);
+    let reload = send(http::Method::POST, &format!("{}/admin/plugins/reload?kind=router", sidecar.admin_url), bytes::Bytes::new(), &[]).await.unwrap();
+    assert_eq!(reload.status, 422, "{}", String::from_utf8_lossy(&reload.body));
+    let router = plugin(&sidecar, "router").await;
+    assert_eq!(router["name"], "pick-second", "{router}");
+    assert!(count(&router, "reload_failures") >= 1, "{router}");
+    assert!(router["last_reload_error"].as_str().is_some_and(|error| error.contains("imports wasi:")), "{router}");
+    for _ in 0..3 {
+        let reply = complete(&sidecar, &tokens(11, 40), None).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(served_slot(&reply), 1);
+    }
+    assert_eq!(get(&format!("{}/readyz", sidecar.url)).await.unwrap().status, 200);
+
+    // The check command prints the imports and rejects the file.
     let output = std::process::Command::new(kvsidecar_tests::sidecar_binary()).args(["plugin", "check", &file]).output().unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(!output.status.success(), "{printed}");
