@@ -101,21 +101,33 @@ pub fn decision(decision: &Decision, kinds: &[CandidateKind]) -> Result<Choice, 
 pub enum InvalidVictims {
     /// An id that names no stored snapshot.
     Unknown(String),
+    /// More ids than there are stored snapshots.
+    TooMany {
+        /// Ids returned.
+        ids: usize,
+        /// Snapshots stored.
+        stored: usize,
+    },
 }
 
 impl fmt::Display for InvalidVictims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            InvalidVictims::Unknown(id) if id.chars().count() > 80 => write!(f, "a victim id of {} characters is not a stored snapshot", id.chars().count()),
             InvalidVictims::Unknown(id) => write!(f, "victim {id:?} is not a stored snapshot"),
+            InvalidVictims::TooMany { ids, stored } => write!(f, "{ids} victim ids for {stored} stored snapshots"),
         }
     }
 }
 
 impl std::error::Error for InvalidVictims {}
 
-/// Checks that every id in `victims` names a stored snapshot, and returns them without repeats,
-/// in their order.
-pub fn victims(victims: Vec<String>, is_stored: impl Fn(&str) -> bool) -> Result<Vec<String>, InvalidVictims> {
+/// Checks that `victims` has at most one id per stored snapshot (`stored` of them) and that every
+/// id names a stored snapshot, and returns the ids without repeats, in their order.
+pub fn victims(victims: Vec<String>, stored: usize, is_stored: impl Fn(&str) -> bool) -> Result<Vec<String>, InvalidVictims> {
+    if victims.len() > stored {
+        return Err(InvalidVictims::TooMany { ids: victims.len(), stored });
+    }
     let mut seen = HashSet::new();
     let mut unique = Vec::with_capacity(victims.len());
     for id in victims {
@@ -158,7 +170,8 @@ mod tests {
     #[test]
     fn victims_unknown_rejected_repeats_dropped() {
         let stored = |id: &str| id == "a" || id == "b";
-        assert_eq!(victims(vec!["a".into(), "b".into(), "a".into()], stored), Ok(vec!["a".to_string(), "b".to_string()]));
-        assert_eq!(victims(vec!["a".into(), "z".into()], stored), Err(InvalidVictims::Unknown("z".into())));
+        assert_eq!(victims(vec!["a".into(), "b".into(), "a".into()], 3, stored), Ok(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(victims(vec!["a".into(), "z".into()], 3, stored), Err(InvalidVictims::Unknown("z".into())));
+        assert_eq!(victims(vec!["a".into(); 3], 2, stored), Err(InvalidVictims::TooMany { ids: 3, stored: 2 }));
     }
 }

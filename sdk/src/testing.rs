@@ -97,7 +97,7 @@ impl<E: Evictor> EvictorHarness<E> {
     /// Requests `bytes` of room, checks the victim list, removes the victims and returns their ids.
     pub fn evict(&mut self, bytes: u64) -> Result<Vec<String>, InvalidVictims> {
         let answer = self.policy.choose_victims(bytes);
-        let victims = check::victims(answer, |id| self.stored.contains_key(id))?;
+        let victims = check::victims(answer, self.stored.len(), |id| self.stored.contains_key(id))?;
         for id in &victims {
             self.stored.remove(id);
             self.policy.on_remove(id);

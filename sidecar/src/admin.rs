@@ -51,19 +51,20 @@ fn with_allow(mut response: Response<ResponseBody>, methods: &'static str) -> Re
 /// when every reload succeeded or had nothing to do, 422 when a new version was rejected (the
 /// previous one keeps serving).
 async fn reload(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
-    let bad_request = |message: String| json_response(StatusCode::BAD_REQUEST, &json!({"error": {"message": message, "code": "invalid_value", "param": "kind"}}));
+    let bad_request = |message: String, param: Option<&str>| json_response(StatusCode::BAD_REQUEST, &json!({"error": {"message": message, "code": "invalid_value", "param": param}}));
     let mut kind = None;
-    for pair in query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+    for raw in query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+        let pair = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
         let value = match pair.split_once('=') {
             Some(("kind", value)) if kind.is_none() => value,
-            Some(("kind", _)) => return bad_request("kind is given more than once; name one kind, or none to reload all".into()),
-            _ => return bad_request(format!("unknown query parameter {pair:?}; the only parameter is kind=router|evictor|admission")),
+            Some(("kind", _)) => return bad_request("kind is given more than once; name one kind, or none to reload all".into(), Some("kind")),
+            _ => return bad_request(format!("unknown query parameter {pair:?}; the only parameter is kind=router|evictor|admission"), None),
         };
         kind = Some(match value {
             "router" => Kind::Router,
             "evictor" => Kind::Evictor,
             "admission" => Kind::Admission,
-            other => return bad_request(format!("unknown plugin kind {other:?}; use router, evictor or admission, or no kind to reload all")),
+            other => return bad_request(format!("unknown plugin kind {other:?}; use router, evictor or admission, or no kind to reload all"), Some("kind")),
         });
     }
     let plugins = app.plugins.clone();

@@ -204,6 +204,10 @@ impl ApiError {
         let mut response = Response::new(crate::proxy::full(Bytes::from(body.to_string())));
         *response.status_mut() = self.status;
         response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        if self.code == "method_not_allowed" {
+            // Completion endpoints accept POST only.
+            response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        }
         response
     }
 }

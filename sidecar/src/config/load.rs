@@ -252,6 +252,7 @@ impl Sources {
             cache_dir: r.get("plugins.cache_dir", store.data_dir.join("plugin-cache")),
             deadline: r.get("plugins.deadline", Duration::from_millis(50)),
             memory_limit: r.get("plugins.memory_limit", ByteSize::mib(64)),
+            max_concurrent_calls: r.get("plugins.max_concurrent_calls", default_concurrent_calls()),
             watch: r.get("plugins.watch", true),
             warn_interval: r.get("plugins.warn_interval", Duration::from_secs(10)),
             router,
@@ -320,6 +321,9 @@ impl Sources {
         if config.plugins.memory_limit.as_u64() < 4 << 20 || config.plugins.memory_limit.as_u64() > 4 << 30 {
             fail(self, "plugins.memory_limit", config.plugins.memory_limit.to_string(), "must be between 4 MiB and 4 GiB");
         }
+        if !(1..=1024).contains(&config.plugins.max_concurrent_calls) {
+            fail(self, "plugins.max_concurrent_calls", config.plugins.max_concurrent_calls.to_string(), "must be between 1 and 1024");
+        }
         if !valid_log_filter(&config.log.level) {
             fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
         }
@@ -339,6 +343,12 @@ fn valid_log_filter(filter: &str) -> bool {
     directives_valid && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
+/// Returns the number of CPUs the process may use: a plugin call is CPU work, and more calls
+/// than cores at once would only queue in the scheduler.
+fn default_concurrent_calls() -> u32 {
+    std::thread::available_parallelism().map(|cores| cores.get() as u32).unwrap_or(2)
+}
+
 /// Returns the folder `plugins` beside the running executable, where `kvsidecar plugin build`
 /// puts the shipped plugins.
 fn default_plugin_dir() -> PathBuf {
@@ -354,7 +364,7 @@ fn known_keys_rule(path: &str) -> String {
         return format!("must be a table [{path}] with the keys file, on_failure and config");
     }
     if section == "plugins" {
-        return "unknown key in [plugins]; its keys are dir, cache_dir, deadline, memory_limit, watch and warn_interval, and the tables [plugins.router], [plugins.evictor] and [plugins.admission]".into();
+        return "unknown key in [plugins]; its keys are dir, cache_dir, deadline, memory_limit, max_concurrent_calls, watch and warn_interval, and the tables [plugins.router], [plugins.evictor] and [plugins.admission]".into();
     }
     if SECTIONS.contains(&section) {
         format!("unknown key in [{section}]; config/kvsidecar.toml lists the known keys")

@@ -182,8 +182,11 @@ pub struct PluginsConfig {
     pub cache_dir: PathBuf,
     /// Longest a single plugin call may run.
     pub deadline: Duration,
-    /// Largest linear memory a plugin instance may grow to.
+    /// Largest memory a plugin instance may grow to, all its memories and tables together.
     pub memory_limit: ByteSize,
+    /// Calls of one plugin that may run at once; a call waits up to `deadline` for a turn, then
+    /// the built-in policy decides it.
+    pub max_concurrent_calls: u32,
     /// Reloads a plugin when its file changes.
     pub watch: bool,
     /// Shortest time between two warnings about failures of one plugin.

@@ -110,6 +110,7 @@ impl Config {
             ("cache_dir", text(self.plugins.cache_dir.display())),
             ("deadline", duration(self.plugins.deadline)),
             ("memory_limit", size(self.plugins.memory_limit)),
+            ("max_concurrent_calls", Value::Integer(i64::from(self.plugins.max_concurrent_calls))),
             ("watch", Value::Boolean(self.plugins.watch)),
             ("warn_interval", duration(self.plugins.warn_interval)),
             ("router", plugin(&self.plugins.router)),

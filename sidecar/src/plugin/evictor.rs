@@ -61,7 +61,7 @@ impl Interface for EvictorInterface {
             evictor.call_on_insert(&mut *store, sample).map_err(|error| describe(&error))?;
         }
         let victims = evictor.call_choose_victims(&mut *store, 1 << 20).map_err(|error| describe(&error))?;
-        check::victims(victims, |id| samples.iter().any(|sample| sample.id == id)).map_err(|invalid| invalid.to_string())?;
+        check::victims(victims, samples.len(), |id| samples.iter().any(|sample| sample.id == id)).map_err(|invalid| invalid.to_string())?;
         Ok(())
     }
 }
@@ -166,10 +166,7 @@ impl EvictionHook for EvictionPolicy {
         let stored = |id: &str| Digest::from_hex(id).is_some_and(|digest| store.as_ref().is_some_and(|store| store.contains(&digest)));
         let called = self.call(|instance| {
             let answer = instance.bindings.kvsidecar_policy_evictor().call_choose_victims(&mut instance.store, bytes).map_err(|error| describe(&error))?;
-            if answer.len() > stored_count {
-                return Err(format!("invalid victims: {} ids for {stored_count} stored snapshots", answer.len()));
-            }
-            let victims = check::victims(answer, stored).map_err(|invalid| format!("invalid victims: {invalid}"))?;
+            let victims = check::victims(answer, stored_count, stored).map_err(|invalid| format!("invalid victims: {invalid}"))?;
             Ok(victims.iter().filter_map(|id| Digest::from_hex(id)).collect::<Vec<_>>())
         });
         match called {

@@ -21,7 +21,8 @@ mod watch;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
@@ -128,7 +129,7 @@ pub struct Version<I: Interface> {
 }
 
 impl<I: Interface> Version<I> {
-    /// Returns `name@version` with the start of the SHA-256, which tells builds of one version apart.
+    /// Returns `name@version` with the start of the SHA-256, which distinguishes builds of one version.
     fn label(&self) -> String {
         format!("{}@{} (sha256 {})", self.name, self.version, &self.sha256[..12])
     }
@@ -161,9 +162,47 @@ const WARM_INSTANCES: usize = 8;
 /// Source of the generation numbers of all plugin versions.
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
+/// Bounds the calls of one plugin that run at once, so slow or greedy calls hold at most that
+/// many cores and instance memories.
+struct Gate {
+    running: Mutex<u32>,
+    freed: Condvar,
+    limit: u32,
+}
+
+/// A turn to call; dropping it lets the next call in.
+struct Turn<'a>(&'a Gate);
+
+impl Gate {
+    /// Waits up to `within` for a turn.
+    fn enter(&self, within: Duration) -> Option<Turn<'_>> {
+        let deadline = Instant::now() + within;
+        let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *running >= self.limit {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            running = self.freed.wait_timeout(running, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+        }
+        *running += 1;
+        Some(Turn(self))
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *running -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// One policy slot: the configured plugin, the version in use, warm instances and counters.
 pub struct Plugin<I: Interface> {
     runtime: Arc<Runtime>,
+    gate: Gate,
+    deadline: Duration,
     pub setting: PluginConfig,
     pub path: Option<PathBuf>,
     warn_interval_ms: u64,
@@ -173,17 +212,22 @@ pub struct Plugin<I: Interface> {
     reload_lock: Mutex<()>,
     pub fallbacks: AtomicU64,
     pub rejections: AtomicU64,
+    /// Calls that found every turn taken for a whole deadline.
+    busy: AtomicU64,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
     last_reload_error: ArcSwapOption<String>,
     last_warning_ms: AtomicU64,
     suppressed_warnings: AtomicU64,
+    last_reload_log_ms: AtomicU64,
 }
 
 impl<I: Interface> Plugin<I> {
     pub fn new(runtime: Arc<Runtime>, setting: &PluginConfig, config: &Config) -> Plugin<I> {
         Plugin {
             runtime,
+            gate: Gate { running: Mutex::new(0), freed: Condvar::new(), limit: config.plugins.max_concurrent_calls.max(1) },
+            deadline: config.plugins.deadline,
             path: setting.path(&config.plugins.dir),
             setting: setting.clone(),
             warn_interval_ms: config.plugins.warn_interval.as_millis() as u64,
@@ -192,11 +236,13 @@ impl<I: Interface> Plugin<I> {
             reload_lock: Mutex::new(()),
             fallbacks: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             last_reload_error: ArcSwapOption::empty(),
             last_warning_ms: AtomicU64::new(0),
             suppressed_warnings: AtomicU64::new(0),
+            last_reload_log_ms: AtomicU64::new(0),
         }
     }
 
@@ -239,13 +285,18 @@ impl<I: Interface> Plugin<I> {
             Err(error) => {
                 let error = error.to_string();
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                let repeated = self.last_reload_error.load_full().is_some_and(|last| *last == error);
                 self.last_reload_error.store(Some(Arc::new(error.clone())));
+                // A file rewritten many times a second must not flood the log.
+                let now = now_ms();
+                let last = self.last_reload_log_ms.load(Ordering::Relaxed);
+                let quiet = now.saturating_sub(last) < self.warn_interval_ms;
+                if !quiet {
+                    self.last_reload_log_ms.store(now, Ordering::Relaxed);
+                }
                 match self.current() {
-                    // A file rewritten many times a second must not flood the log with one error.
-                    Some(_) if repeated => tracing::debug!(plugin.kind = %I::KIND, error = %error, "new plugin version rejected again"),
-                    Some(serving) => tracing::error!(plugin.kind = %I::KIND, error = %error, serving = %serving.label(), "new plugin version rejected; the previous version keeps serving"),
-                    None => tracing::error!(plugin.kind = %I::KIND, error = %error, "plugin failed to load"),
+                    Some(_) if quiet => tracing::debug!(plugin.kind = %I::KIND, error = ?error, "new plugin version rejected"),
+                    Some(serving) => tracing::error!(plugin.kind = %I::KIND, error = ?error, serving = %serving.label(), "new plugin version rejected; the previous version keeps serving"),
+                    None => tracing::error!(plugin.kind = %I::KIND, error = ?error, "plugin failed to load"),
                 }
                 Reloaded::Failed { error }
             }
@@ -318,6 +369,12 @@ impl<I: Interface> Plugin<I> {
         call: impl FnOnce(&mut Instance<I>) -> Result<T, String>,
     ) -> Option<Result<T, CallError>> {
         let version = self.current()?;
+        let Some(_turn) = self.gate.enter(self.deadline) else {
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            let error = CallError { plugin: version.label(), reason: format!("all {} call turns (plugins.max_concurrent_calls) stayed taken for the whole deadline", self.gate.limit) };
+            self.warn(&error);
+            return Some(Err(error));
+        };
         let warm = {
             let mut pool = self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             pool.retain(|instance| instance.generation == version.generation);
@@ -373,7 +430,8 @@ impl<I: Interface> Plugin<I> {
         tracing::warn!(
             plugin.kind = %I::KIND,
             plugin = %error.plugin,
-            error = %error.reason,
+            // Quoted: the reason may contain text from the plugin.
+            error = ?error.reason,
             failures_not_logged = suppressed,
             "plugin call failed: {consequence}; the next call gets a fresh instance"
         );
@@ -397,6 +455,7 @@ impl<I: Interface> Plugin<I> {
             "failures": version.as_ref().map(|v| load(&v.failures)).unwrap_or(0),
             "fallbacks": load(&self.fallbacks),
             "rejections": load(&self.rejections),
+            "busy": load(&self.busy),
             "loads": load(&self.reloads),
             "reload_failures": load(&self.reload_failures),
             "last_reload_error": self.last_reload_error.load_full().map(|error| error.as_str().to_string()),
@@ -405,23 +464,24 @@ impl<I: Interface> Plugin<I> {
     }
 }
 
-/// Longest plugin name or version kept, in characters.
+/// Maximum length of a plugin's name or version as kept, in characters.
 const MAX_LABEL: usize = 64;
 
-/// Returns `text` cut to [`MAX_LABEL`] characters with control characters replaced, so a
-/// plugin's name and version are safe to log and show.
+/// Returns `text` cut to [`MAX_LABEL`] characters, with everything but visible ASCII replaced,
+/// so a plugin's name and version can neither forge log lines nor spoof other text.
 fn printable(text: &str) -> String {
-    let label: String = text.chars().take(MAX_LABEL).map(|c| if c.is_control() { '?' } else { c }).collect();
+    let label: String = text.chars().take(MAX_LABEL).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
     if label.is_empty() { "unnamed".into() } else { label }
 }
 
-/// Longest text kept from a plugin's error message, in characters.
+/// Maximum length of a plugin's error message as kept, in characters.
 const MAX_MESSAGE: usize = 512;
 
-/// Returns a plugin-supplied message cut to [`MAX_MESSAGE`] characters, with control characters
-/// replaced so it cannot forge log lines.
+/// Returns a plugin-supplied message cut to [`MAX_MESSAGE`] characters, with control, bidirectional
+/// and invisible formatting characters replaced, so it cannot forge or disguise log lines.
 fn clip(text: &str) -> String {
-    let mut clipped: String = text.chars().take(MAX_MESSAGE).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let hidden = |c: char| c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
+    let mut clipped: String = text.chars().take(MAX_MESSAGE).map(|c| if hidden(c) { ' ' } else { c }).collect();
     if text.chars().nth(MAX_MESSAGE).is_some() {
         clipped.push_str(" [cut]");
     }
@@ -440,8 +500,12 @@ pub fn describe(error: &wasmtime::Error) -> String {
         Some(trap) => format!("trap: {trap}"),
         None => error.root_cause().to_string(),
     };
-    let line = text.lines().next().unwrap_or_default().trim().to_string();
-    if line.contains("memory") && (line.contains("limit") || line.contains("grow")) {
+    let line = clip(text.lines().next().unwrap_or_default().trim());
+    if line.starts_with("memory cap exceeded") {
+        line
+    } else if line.contains("count too high") {
+        format!("{line} (a plugin instance may have at most 8 memories, 16 tables and 64 core instances)")
+    } else if line.contains("memory") && (line.contains("limit") || line.contains("grow")) {
         format!("memory cap exceeded (plugins.memory_limit): {line}")
     } else {
         line
@@ -515,5 +579,36 @@ impl Plugins {
             "wasmtime": runtime::WASMTIME_VERSION,
             "plugins": [self.router.plugin.describe(), self.evictor.plugin.describe(), self.admission.plugin.describe()],
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    use super::{Gate, clip, printable};
+
+    #[test]
+    fn gate_waits_then_gives_up() {
+        let gate = Gate { running: Mutex::new(0), freed: Condvar::new(), limit: 1 };
+        let first = gate.enter(Duration::from_millis(10)).expect("a free turn");
+        assert!(gate.enter(Duration::from_millis(20)).is_none());
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| gate.enter(Duration::from_secs(5)).is_some());
+            std::thread::sleep(Duration::from_millis(20));
+            drop(first);
+            assert!(waiter.join().unwrap(), "a turn freed within the wait is taken");
+        });
+        assert_eq!(*gate.running.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn plugin_text_is_cut_and_defused() {
+        assert_eq!(printable("evil\nname\u{202E}"), "evil?name?");
+        assert_eq!(printable(""), "unnamed");
+        assert_eq!(printable(&"x".repeat(100)).len(), 64);
+        assert_eq!(clip("line one\nline two\u{2028}end"), "line one line two end");
+        assert!(clip(&"y".repeat(1000)).ends_with(" [cut]"));
     }
 }

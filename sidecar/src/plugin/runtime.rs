@@ -81,8 +81,10 @@ impl ResourceLimiter for Budget {
 /// Reason a component cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read plugin file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read plugin file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
+    #[error("plugin file {path} is {kind}, not a regular file; point the setting at a component file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     #[error("plugin file {path} does not exist{}", shipped_hint(path))]
     Missing { path: PathBuf },
     #[error("plugin file {path} is {bytes} bytes; the limit is {MAX_COMPONENT_BYTES}")]
@@ -95,7 +97,7 @@ pub enum LoadError {
     Imports { path: PathBuf, imports: String },
     #[error("plugin file {path} exports {exports}; a plugin exports exactly one of {PACKAGE}/router, /evictor or /admission at version {INTERFACE_VERSION}")]
     Exports { path: PathBuf, exports: String },
-    #[error("plugin file {path} is built against {PACKAGE}@{version}, but this kvsidecar implements {INTERFACE_VERSION}; rebuild the plugin with the SDK of this kvsidecar")]
+    #[error("plugin file {path} is built against {PACKAGE}@{version}, but this kvsidecar implements {INTERFACE_VERSION}; rebuild the plugin with the SDK of this kvsidecar, or run a kvsidecar that implements {version}")]
     Version { path: PathBuf, version: String },
     #[error("plugin file {path} exports the {found} interface, but it is configured as plugins.{expected}.file; set it as plugins.{found}.file instead")]
     WrongKind { path: PathBuf, found: Kind, expected: Kind },
@@ -263,7 +265,7 @@ fn read_component(path: &Path) -> Result<Vec<u8>, LoadError> {
 
     let read_error = |source: std::io::Error| match source.kind() {
         std::io::ErrorKind::NotFound => LoadError::Missing { path: path.into() },
-        _ => LoadError::Read { path: path.into(), source },
+        _ => LoadError::Read { path: path.into(), cause: source },
     };
     let invalid = |reason: String| LoadError::Invalid { path: path.into(), reason };
     let mut options = std::fs::OpenOptions::new();
@@ -277,7 +279,7 @@ fn read_component(path: &Path) -> Result<Vec<u8>, LoadError> {
     let file = options.open(path).map_err(read_error)?;
     let meta = file.metadata().map_err(read_error)?;
     if !meta.is_file() {
-        return Err(invalid(format!("it is not a regular file ({:?})", meta.file_type())));
+        return Err(LoadError::NotAFile { path: path.into(), kind: file_kind(&meta.file_type()) });
     }
     if meta.len() > MAX_COMPONENT_BYTES {
         return Err(LoadError::TooLarge { path: path.into(), bytes: meta.len() });
@@ -294,6 +296,27 @@ fn read_component(path: &Path) -> Result<Vec<u8>, LoadError> {
         return Err(invalid(format!("not a WebAssembly file: it starts with {found}, not 00 61 73 6d")));
     }
     Ok(bytes)
+}
+
+/// Names a file type that is not a regular file.
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_char_device() {
+            return "a character device";
+        }
+        if kind.is_block_device() {
+            return "a block device";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    if kind.is_dir() { "a folder" } else { "not a regular file" }
 }
 
 pub fn hex_sha256(bytes: &[u8]) -> String {
