@@ -21,6 +21,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         ("GET", "/admin/stats") => stats(&app),
         ("GET", "/admin/snapshots") => snapshots(&app).await,
         ("GET", "/admin/plugins") => json_response(StatusCode::OK, &app.plugins.describe()),
+        ("GET", "/admin/peers") => peers(&app),
         (_, "/admin/plugins/reload") => with_allow(
             json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -30,7 +31,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         ),
         ("GET", _) => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots or /admin/plugins"), "code": "not_found"}}),
+            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots, /admin/plugins or /admin/peers"), "code": "not_found"}}),
         ),
         _ => with_allow(
             json_response(
@@ -108,4 +109,14 @@ async fn snapshots(app: &Arc<App>) -> Response<ResponseBody> {
         Ok(Err(error)) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": error.to_string(), "code": "store_error"}})),
         Err(error) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": error.to_string(), "code": "internal_error"}})),
     }
+}
+
+/// This node's identity and what it knows of its peers; an empty list on a single node.
+fn peers(app: &App) -> Response<ResponseBody> {
+    let mut body = match &app.fleet {
+        Some(fleet) => fleet.peers.describe(),
+        None => json!({"peers": []}),
+    };
+    body["self"] = crate::peer::info(app);
+    json_response(StatusCode::OK, &body)
 }

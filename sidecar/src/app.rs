@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::costs::Costs;
+use crate::peer::Fleet;
 use crate::plugin::Plugins;
 use crate::engine::{Engine, EngineInfo};
 use crate::error::ApiError;
@@ -112,6 +113,8 @@ pub struct App {
     pub store: Arc<Store>,
     pub plugins: Arc<Plugins>,
     pub costs: Arc<Costs>,
+    /// This sidecar's fleet membership; None on a single node.
+    pub fleet: Option<Arc<Fleet>>,
     ready: ArcSwapOption<Ready>,
     /// Reason the engine is not ready, for `/readyz` and error responses.
     not_ready: ArcSwapOption<NotReady>,
@@ -127,13 +130,14 @@ pub struct App {
 const CONCURRENT_SNAPSHOTS: usize = 2;
 
 impl App {
-    pub fn new(config: Config, engine: Arc<dyn Engine>, store: Arc<Store>, plugins: Arc<Plugins>, costs: Arc<Costs>) -> App {
+    pub fn new(config: Config, engine: Arc<dyn Engine>, store: Arc<Store>, plugins: Arc<Plugins>, costs: Arc<Costs>, fleet: Option<Arc<Fleet>>) -> App {
         App {
             config,
             engine,
             store,
             plugins,
             costs,
+            fleet,
             ready: ArcSwapOption::empty(),
             not_ready: ArcSwapOption::from_pointee(NotReady { reason: "engine not probed yet".into(), unreachable: false }),
             counters: Counters::default(),

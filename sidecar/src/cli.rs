@@ -89,6 +89,15 @@ pub struct ServeArgs {
     /// Folder shared with the engine's --slot-save-path (engine.slot_dir, default DATA_DIR/slots).
     #[arg(long, value_name = "DIR")]
     pub slot_dir: Option<String>,
+    /// Peer APIs of the other sidecars of the fleet, comma-separated (peers.urls).
+    #[arg(long, value_name = "URL,URL")]
+    pub peers: Option<String>,
+    /// Serve the peer API on this address (peers.listen, such as 0.0.0.0:9100; off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<String>,
+    /// File holding the fleet's peer token (peers.token_file; or set KVSIDECAR_PEER_TOKEN).
+    #[arg(long, value_name = "PATH")]
+    pub peer_token_file: Option<String>,
 }
 
 impl ServeArgs {
@@ -100,6 +109,9 @@ impl ServeArgs {
             engine: self.engine.clone(),
             data_dir: self.data_dir.clone(),
             slot_dir: self.slot_dir.clone(),
+            peers: self.peers.clone(),
+            peer_listen: self.peer_listen.clone(),
+            peer_token_file: self.peer_token_file.clone(),
         }
     }
 }

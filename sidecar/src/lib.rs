@@ -18,7 +18,7 @@
 //!
 //! Around them: [`config`] and [`cli`] for start-up, [`monitor`] for engine readiness and
 //! restarts, [`admin`] for the loopback admin API, [`app`] for shared state, [`costs`] for the
-//! cost estimates the policies receive.
+//! cost estimates the policies receive, [`peer`] for the fleet: identity, peer API and peer health.
 
 pub mod admin;
 pub mod app;
@@ -28,6 +28,7 @@ pub mod costs;
 pub mod engine;
 pub mod error;
 pub mod monitor;
+pub mod peer;
 pub mod plugin;
 pub mod prefix;
 pub mod proxy;

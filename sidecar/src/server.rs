@@ -17,6 +17,7 @@ use crate::engine::llamacpp::LlamaCpp;
 use crate::config::Config;
 use crate::proxy::ResponseBody;
 use crate::costs::Costs;
+use crate::peer::{self, Fleet, Identity, PeerTable, Token};
 use crate::plugin::{self, Plugins};
 use crate::store::Store;
 use crate::{admin, monitor, proxy};
@@ -30,8 +31,10 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("failed to create the slot folder {path}: {source}")]
     SlotDir { path: String, source: std::io::Error },
-    #[error("{0}\nhint: fix the plugin, point plugins.<kind>.file at another component, or set it to \"builtin\"")]
+    #[error("{0}\nhint: build or fix the component, point plugins.{kind}.file at another one (an absolute path, or one in plugins.dir), or set it to \"builtin\"", kind = .0.kind)]
     Plugin(#[from] crate::plugin::StartError),
+    #[error("fleet: {0}")]
+    Fleet(String),
 }
 
 /// Runs the sidecar until `shutdown` resolves, then drains connections for the grace period.
@@ -53,17 +56,34 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let admin_listener = TcpListener::bind(config.server.admin_listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.server.admin_listen, what: "admin API", flag: "--admin-listen", source })?;
+    let fleet = match Token::load(&config, std::env::var(peer::TOKEN_VARIABLE).ok()).map_err(ServeError::Fleet)? {
+        Some(token) => {
+            let identity = Identity::load(&config.store.data_dir).map_err(ServeError::Fleet)?;
+            Some(Arc::new(Fleet { identity, token, peers: PeerTable::new(config.peers.dead_after) }))
+        }
+        None => None,
+    };
+    let peer_listener = match config.peers.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, what: "peer API", flag: "--peer-listen", source })?,
+        ),
+        None => None,
+    };
 
     let engine = Arc::new(LlamaCpp::new(&config.engine));
     let grace = config.server.shutdown_grace;
     let watch_plugins = config.plugins.watch;
-    let app = Arc::new(App::new(config, engine, store.clone(), plugins.clone(), costs));
+    let app = Arc::new(App::new(config, engine, store.clone(), plugins.clone(), costs, fleet.clone()));
     let watcher = if watch_plugins { plugin::watch(plugins) } else { None };
     let (stop_sender, stop) = watch::channel(false);
 
     tracing::info!(
         listen = %local_addr(&client_listener),
         admin_listen = %local_addr(&admin_listener),
+        peer_listen = ?peer_listener.as_ref().map(local_addr),
+        node_id = ?fleet.as_ref().map(|fleet| fleet.identity.node_id.clone()),
         engine.url = %app.config.engine.url,
         data_dir = %app.config.store.data_dir.display(),
         "kvsidecar serving"
@@ -76,6 +96,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let client = tokio::spawn(accept(client_listener, stop.clone(), header_timeout, move |request| proxy::handle(client_app.clone(), request)));
     let admin_app = app.clone();
     let admin = tokio::spawn(accept(admin_listener, stop.clone(), header_timeout, move |request| admin::handle(admin_app.clone(), request)));
+    let peer_api = peer_listener.map(|listener| {
+        let peer_app = app.clone();
+        tokio::spawn(accept(listener, stop.clone(), header_timeout, move |request| peer::handle(peer_app.clone(), request)))
+    });
+    let health = tokio::spawn(peer::run_health(app.clone(), stop.clone()));
 
     shutdown.await;
     tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections, draining requests");
@@ -83,6 +108,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let drained = tokio::time::timeout(grace, async {
         let _ = client.await;
         let _ = admin.await;
+        if let Some(peer_api) = peer_api {
+            let _ = peer_api.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -90,6 +118,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     }
     let _ = monitor.await;
     let _ = access.await;
+    let _ = health.await;
     if let Some(watcher) = watcher {
         watcher.abort();
     }

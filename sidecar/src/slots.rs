@@ -139,6 +139,11 @@ impl Slots {
             .collect()
     }
 
+    /// Returns the number of slots a request runs on now.
+    pub fn busy_count(&self) -> usize {
+        self.slots.iter().filter(|slot| slot.lock.try_lock().is_err()).count()
+    }
+
     /// Returns each slot's state as the router sees it for `prompt`.
     pub fn views(&self, prompt: &[u32], namespace: &Namespace) -> Vec<SlotView> {
         self.slots

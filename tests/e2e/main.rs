@@ -5,6 +5,7 @@ mod bad_input;
 mod cache;
 mod cli;
 mod eviction;
+mod fleet;
 mod openai_sdk;
 mod plugins;
 mod resilience;

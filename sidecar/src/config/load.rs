@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    ByteSize, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat, OnFailure,
+    ByteSize, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat, OnFailure, PeersConfig,
     PluginConfig, PluginsConfig, PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig,
 };
 
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "KVSIDECAR_";
 
-const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins"];
+const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins", "peers"];
 
 /// Tables inside a section whose keys are read one by one, as `plugins.router.file`.
 const SUBSECTIONS: &[&str] = &["plugins.router", "plugins.evictor", "plugins.admission"];
@@ -30,6 +30,8 @@ const SCRIPT_VARIABLES: &[&str] = &[
     "KVSIDECAR_DEMO_MODEL",
     "KVSIDECAR_PYTHON",
     "KVSIDECAR_TRACE",
+    // The peer token, read by `kvsidecar serve` itself rather than as a configuration key.
+    "KVSIDECAR_PEER_TOKEN",
 ];
 
 /// Values given on the command line, which take precedence over the file and the environment.
@@ -41,6 +43,9 @@ pub struct Overrides {
     pub engine: Option<String>,
     pub data_dir: Option<String>,
     pub slot_dir: Option<String>,
+    pub peers: Option<String>,
+    pub peer_listen: Option<String>,
+    pub peer_token_file: Option<String>,
 }
 
 /// One invalid configuration value.
@@ -103,6 +108,9 @@ pub fn load(
         ("engine.url", "--engine", &overrides.engine),
         ("store.data_dir", "--data-dir", &overrides.data_dir),
         ("engine.slot_dir", "--slot-dir", &overrides.slot_dir),
+        ("peers.urls", "--peers", &overrides.peers),
+        ("peers.listen", "--peer-listen", &overrides.peer_listen),
+        ("peers.token_file", "--peer-token-file", &overrides.peer_token_file),
     ];
     for (path, flag, value) in flags {
         if let Some(value) = value {
@@ -259,7 +267,16 @@ impl Sources {
             evictor,
             admission,
         };
-        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins };
+        let peers = PeersConfig {
+            listen: r.get("peers.listen", Optional::<SocketAddr>(None)).0,
+            urls: r.get("peers.urls", Vec::new()),
+            dns: r.get("peers.dns", Optional::<String>(None)).0,
+            dns_interval: r.get("peers.dns_interval", Duration::from_secs(10)),
+            token_file: r.get("peers.token_file", Optional::<PathBuf>(None)).0,
+            health_interval: r.get("peers.health_interval", Duration::from_millis(500)),
+            dead_after: r.get("peers.dead_after", Duration::from_secs(2)),
+        };
+        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers };
 
         for (path, (value, origin)) in &self.values {
             if !used.contains(path) {
@@ -320,6 +337,20 @@ impl Sources {
         // A Rust plugin's memory starts at about 1.1 MiB.
         if config.plugins.memory_limit.as_u64() < 4 << 20 || config.plugins.memory_limit.as_u64() > 4 << 30 {
             fail(self, "plugins.memory_limit", config.plugins.memory_limit.to_string(), "must be between 4 MiB and 4 GiB");
+        }
+        for url in &config.peers.urls {
+            let valid = url.parse::<http::Uri>().is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
+            if !valid {
+                fail(self, "peers.urls", format!("{url:?}"), "each peer must be an http:// URL of its peer API, such as http://10.0.0.7:9100");
+            }
+        }
+        if let Some(dns) = &config.peers.dns
+            && !dns.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        {
+            fail(self, "peers.dns", format!("{dns:?}"), "must be a host name and port, such as \"kvsidecar-peers.default.svc:9100\"");
+        }
+        if config.peers.health_interval.is_zero() || config.peers.dead_after <= config.peers.health_interval {
+            fail(self, "peers.dead_after", humantime::format_duration(config.peers.dead_after).to_string(), "must be longer than peers.health_interval, which must be longer than 0s");
         }
         if !(1..=1024).contains(&config.plugins.max_concurrent_calls) {
             fail(self, "plugins.max_concurrent_calls", config.plugins.max_concurrent_calls.to_string(), "must be between 1 and 1024");
@@ -487,6 +518,18 @@ impl ConfigValue for f64 {
     }
 }
 
+/// A setting that may be left empty (`""`) for none.
+struct Optional<T>(Option<T>);
+
+impl<T: ConfigValue> ConfigValue for Optional<T> {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        match text(value) {
+            Some(s) if s.trim().is_empty() => Ok(Optional(None)),
+            _ => T::parse(value).map(|parsed| Optional(Some(parsed))),
+        }
+    }
+}
+
 /// A plugin file setting: a path, or `builtin` for the built-in policy.
 struct PluginFile(Option<PathBuf>);
 
@@ -514,12 +557,19 @@ impl ConfigValue for toml::Table {
 /// Parses a plugin's settings written as an inline table (`{ imbalance = 2 }`) or as TOML lines
 /// (`imbalance = 2`).
 pub fn plugin_table(text: &str) -> Result<toml::Table, String> {
-    if let Ok(table) = text.parse::<toml::Table>() {
+    let lines = text.parse::<toml::Table>();
+    if let Ok(table) = lines {
         return Ok(table);
     }
-    match toml::from_str::<toml::Table>(&format!("config = {text}")).ok().and_then(|mut outer| outer.remove("config")) {
-        Some(toml::Value::Table(inner)) => Ok(inner),
-        _ => Err("must be a table of the plugin's settings, as `{ imbalance = 2 }` or `imbalance = 2`".into()),
+    let inline = toml::from_str::<toml::Table>(&format!("config = {text}"));
+    match inline.as_ref().ok().and_then(|outer| outer.get("config")) {
+        Some(toml::Value::Table(inner)) => Ok(inner.clone()),
+        _ => {
+            // Report the parser's error for the form the text looks like.
+            let error = if text.trim_start().starts_with('{') { inline.err().map(|error| error.message().to_string()) } else { lines.err().map(|error| error.message().to_string()) };
+            let detail = error.map(|message| format!(" ({message})")).unwrap_or_default();
+            Err(format!("must be a table of the plugin's settings, as `{{ imbalance = 2 }}` or `imbalance = 2`{detail}"))
+        }
     }
 }
 

@@ -26,6 +26,33 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub log: LogConfig,
     pub plugins: PluginsConfig,
+    pub peers: PeersConfig,
+}
+
+/// Other sidecars of the fleet, and this sidecar's peer API.
+#[derive(Debug, Clone)]
+pub struct PeersConfig {
+    /// Address of the peer API; None turns it off.
+    pub listen: Option<SocketAddr>,
+    /// Base URLs of the peers' APIs, such as `http://10.0.0.7:9100`.
+    pub urls: Vec<String>,
+    /// A `host:port` whose addresses are the peers' APIs, resolved again every `dns_interval`
+    /// (a Kubernetes headless service, for example).
+    pub dns: Option<String>,
+    pub dns_interval: Duration,
+    /// File holding the bearer token that peers present to each other.
+    pub token_file: Option<PathBuf>,
+    /// Time between two health checks of each peer.
+    pub health_interval: Duration,
+    /// A peer that has not answered for this long is dead and leaves routing.
+    pub dead_after: Duration,
+}
+
+impl PeersConfig {
+    /// Returns whether this sidecar is part of a fleet.
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || !self.urls.is_empty() || self.dns.is_some()
+    }
 }
 
 /// Listeners and limits of the client-facing HTTP server.

@@ -117,6 +117,16 @@ impl Config {
             ("evictor", plugin(&self.plugins.evictor)),
             ("admission", plugin(&self.plugins.admission)),
         ]));
+        let optional = |value: Option<String>| text(value.unwrap_or_default());
+        root.insert("peers".into(), section(vec![
+            ("listen", optional(self.peers.listen.map(|addr| addr.to_string()))),
+            ("urls", Value::Array(self.peers.urls.iter().map(text).collect())),
+            ("dns", optional(self.peers.dns.clone())),
+            ("dns_interval", duration(self.peers.dns_interval)),
+            ("token_file", optional(self.peers.token_file.as_ref().map(|path| path.display().to_string()))),
+            ("health_interval", duration(self.peers.health_interval)),
+            ("dead_after", duration(self.peers.dead_after)),
+        ]));
         toml::to_string(&root).unwrap_or_default()
     }
 }

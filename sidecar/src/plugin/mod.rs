@@ -538,8 +538,8 @@ impl Plugins {
             evictor: Arc::new(EvictionPolicy::new(Plugin::new(runtime.clone(), &config.plugins.evictor, config))),
             admission: AdmissionPolicy::new(Plugin::new(runtime, &config.plugins.admission, config)),
         };
-        for (kind, reloaded) in plugins.reload_all() {
-            if let Reloaded::Failed { error } = reloaded {
+        for kind in [Kind::Router, Kind::Evictor, Kind::Admission] {
+            if let Reloaded::Failed { error } = plugins.reload(kind) {
                 return Err(StartError { kind, error });
             }
         }

@@ -228,7 +228,7 @@ mod tests {
     use kvsidecar_sdk::{Candidate, Request};
 
     #[test]
-    fn the_slot_with_the_longest_prefix_serves() {
+    fn route_longest_prefix_serves() {
         let mut router = RouterHarness::<super::Policy>::new("").unwrap();
         let candidates = [Candidate::slot(0).matched(10), Candidate::slot(1).matched(200)];
         let choice = router.route(&Request::default(), &candidates).unwrap();
@@ -286,7 +286,7 @@ mod tests {
     use kvsidecar_sdk::testing::EvictorHarness;
 
     #[test]
-    fn the_oldest_snapshot_leaves_first() {
+    fn evict_oldest_first() {
         let mut evictor = EvictorHarness::<super::Policy>::new("").unwrap();
         evictor.insert("old", 100, 10, 5.0);
         evictor.insert("new", 100, 10, 5.0);
@@ -322,7 +322,7 @@ mod tests {
     use kvsidecar_sdk::testing::AdmissionHarness;
 
     #[test]
-    fn short_prompts_are_not_stored() {
+    fn admit_rejects_short_prompt() {
         let mut admission = AdmissionHarness::<super::Policy>::new("min_tokens = 100").unwrap();
         assert!(admission.admit(&AdmissionCandidate { tokens: 100, ..Default::default() }));
         assert!(!admission.admit(&AdmissionCandidate { tokens: 99, ..Default::default() }));

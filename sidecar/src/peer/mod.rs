@@ -1,0 +1,170 @@
+//! The fleet: this sidecar's identity, its authenticated peer API, and the health of the other
+//! sidecars it knows from `peers.urls` and `peers.dns`.
+//!
+//! Every sidecar has a node id, kept in `DATA_DIR/node-id` so it survives restarts, and a
+//! generation that changes on every start and whenever its engine is probed anew (a restart), so
+//! a peer can tell that the state it learnt from this node is stale.
+
+mod health;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+pub use health::{PeerTable, run as run_health};
+
+use crate::app::App;
+use crate::config::Config;
+use crate::proxy::{ResponseBody, json_response};
+
+/// Environment variable that can hold the peer token instead of `peers.token_file`.
+pub const TOKEN_VARIABLE: &str = "KVSIDECAR_PEER_TOKEN";
+
+/// Shortest peer token accepted, in bytes.
+const MIN_TOKEN_BYTES: usize = 16;
+
+/// Path prefix of the peer API.
+pub const API_PREFIX: &str = "/peer/v1/";
+
+/// This sidecar as its peers know it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Stable across restarts: 32 hex digits.
+    pub node_id: String,
+    /// Random per process start.
+    pub start: u64,
+}
+
+impl Identity {
+    /// Reads the node id from `DATA_DIR/node-id`, creating it on the first start, and draws a
+    /// new start value.
+    pub fn load(data_dir: &Path) -> Result<Identity, String> {
+        let path = data_dir.join("node-id");
+        let node_id = match std::fs::read_to_string(&path) {
+            Ok(text) if is_node_id(text.trim()) => text.trim().to_string(),
+            Ok(text) => return Err(format!("{} holds {:?}, not a node id of 32 hex digits; delete the file to get a new id", path.display(), text.trim())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let node_id = hex::encode(random_bytes::<16>()?);
+                std::fs::create_dir_all(data_dir).map_err(|error| format!("cannot create {}: {error}", data_dir.display()))?;
+                std::fs::write(&path, format!("{node_id}\n")).map_err(|error| format!("cannot write {}: {error}", path.display()))?;
+                node_id
+            }
+            Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+        };
+        Ok(Identity { node_id, start: u64::from_le_bytes(random_bytes::<8>()?) })
+    }
+
+    /// Returns the generation for engine generation `engine`: it changes when this process
+    /// restarts and when its engine does.
+    pub fn generation(&self, engine: u64) -> String {
+        format!("{:016x}.{engine}", self.start)
+    }
+}
+
+fn is_node_id(text: &str) -> bool {
+    text.len() == 32 && text.bytes().all(|byte| byte.is_ascii_hexdigit())
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|error| format!("the system random source failed: {error}"))?;
+    Ok(bytes)
+}
+
+/// The bearer token that sidecars of one fleet present to each other.
+#[derive(Clone)]
+pub struct Token(Arc<[u8]>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// Reads the token from `peers.token_file`, or else from `KVSIDECAR_PEER_TOKEN`. A fleet
+    /// without a token is an error: the peer API would serve anyone.
+    pub fn load(config: &Config, variable: Option<String>) -> Result<Option<Token>, String> {
+        if !config.peers.enabled() {
+            return Ok(None);
+        }
+        let (text, source) = match (&config.peers.token_file, variable) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).map_err(|error| format!("cannot read the peer token file {} (peers.token_file): {error}", path.display()))?;
+                (text, format!("file {}", path.display()))
+            }
+            (None, Some(text)) => (text, format!("environment {TOKEN_VARIABLE}")),
+            (None, None) => {
+                return Err(format!(
+                    "peers are configured but no peer token is: set peers.token_file (--peer-token-file) or {TOKEN_VARIABLE}, the same on every sidecar of the fleet"
+                ));
+            }
+        };
+        let token = text.trim();
+        if token.len() < MIN_TOKEN_BYTES || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(format!(
+                "the peer token from {source} must be at least {MIN_TOKEN_BYTES} visible ASCII characters; generate one with `head -c 32 /dev/urandom | base64`"
+            ));
+        }
+        Ok(Some(Token(Arc::from(token.as_bytes()))))
+    }
+
+    /// Returns the `authorization` header value that presents this token.
+    pub fn header(&self) -> String {
+        format!("Bearer {}", String::from_utf8_lossy(&self.0))
+    }
+
+    /// Returns whether `headers` present this token, comparing in constant time.
+    pub fn admits(&self, headers: &http::HeaderMap) -> bool {
+        let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+        let (Some(value), None) = (values.next(), values.next()) else { return false };
+        let Some(presented) = value.as_bytes().strip_prefix(b"Bearer ") else { return false };
+        bool::from(presented.ct_eq(&self.0))
+    }
+}
+
+/// Serves the peer API. Every request must present the fleet's token; without it the response
+/// is 401 and reveals nothing, not even which paths exist.
+pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let admitted = app.fleet.as_ref().is_some_and(|fleet| fleet.token.admits(request.headers()));
+    if !admitted {
+        let mut response = json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": {"message": "missing or invalid peer token: send `authorization: Bearer TOKEN` with the fleet's token", "code": "unauthorized"}}),
+        );
+        response.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    match (request.method().as_str(), request.uri().path()) {
+        ("GET", "/peer/v1/info") => json_response(StatusCode::OK, &info(&app)),
+        (_, "/peer/v1/info") => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": {"message": "use GET /peer/v1/info", "code": "method_not_allowed"}})),
+        (_, path) => json_response(StatusCode::NOT_FOUND, &json!({"error": {"message": format!("no peer endpoint {path}"), "code": "not_found"}})),
+    }
+}
+
+/// This node's identity, engine state and load, as its peers read them.
+pub fn info(app: &App) -> serde_json::Value {
+    let ready = app.ready();
+    let fleet = app.fleet.as_ref();
+    let engine_generation = ready.as_ref().map(|ready| ready.generation).unwrap_or(0);
+    json!({
+        "node_id": fleet.map(|fleet| fleet.identity.node_id.clone()),
+        "generation": fleet.map(|fleet| fleet.identity.generation(engine_generation)),
+        "engine_ready": ready.is_some(),
+        "slots": ready.as_ref().map(|ready| ready.slots.len()).unwrap_or(0),
+        "busy_slots": ready.as_ref().map(|ready| ready.slots.busy_count()).unwrap_or(0),
+        "snapshots": app.store.len(),
+        "snapshot_bytes": app.store.bytes(),
+    })
+}
+
+/// This sidecar's place in a fleet: who it is, the token, and the peers it follows.
+pub struct Fleet {
+    pub identity: Identity,
+    pub token: Token,
+    pub peers: PeerTable,
+}

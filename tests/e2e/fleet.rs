@@ -1,0 +1,135 @@
+//! Sidecars as a fleet: identities, the authenticated peer API, and peer health. Each sidecar
+//! has its own real llama-server; all listen on loopback ports.
+
+use std::time::{Duration, Instant};
+
+use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace, free_ports, get, send};
+use serde_json::Value;
+
+const TOKEN: &str = "fleet-token-for-tests-0123456789";
+
+/// Returns a sidecar spec of `ws` under `name`, serving its peer API on `port` and following `peers`.
+fn member(ws: &Workspace, engine: &Engine, name: &str, port: u16, peers: &[u16]) -> SidecarSpec {
+    let urls: Vec<String> = peers.iter().map(|peer| format!("http://127.0.0.1:{peer}")).collect();
+    let mut spec = ws.sidecar(engine);
+    spec.data_dir = ws.path(&format!("{name}-data"));
+    spec.env.extend([
+        ("KVSIDECAR_PEERS_LISTEN".to_string(), format!("127.0.0.1:{port}")),
+        ("KVSIDECAR_PEERS_URLS".to_string(), urls.join(",")),
+        ("KVSIDECAR_PEER_TOKEN".to_string(), TOKEN.to_string()),
+        ("KVSIDECAR_PEERS_HEALTH_INTERVAL".to_string(), "200ms".to_string()),
+        ("KVSIDECAR_PEERS_DEAD_AFTER".to_string(), "1s".to_string()),
+    ]);
+    spec
+}
+
+async fn peers_of(sidecar: &Sidecar) -> Value {
+    get(&format!("{}/admin/peers", sidecar.admin_url)).await.expect("admin peers").json()
+}
+
+/// Waits until `sidecar` lists exactly one peer and `accept` holds for it, and returns it.
+async fn wait_peer(sidecar: &Sidecar, within: Duration, accept: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let listing = peers_of(sidecar).await;
+        if let Some(peer) = listing["peers"].as_array().and_then(|peers| peers.first())
+            && accept(peer)
+        {
+            return peer.clone();
+        }
+        assert!(Instant::now() < deadline, "peer state not reached: {listing}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn peers_see_each_other_and_restarts() {
+    let ws = Workspace::new();
+    let engine_a = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let engine_b = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let [port_a, port_b] = free_ports::<2>();
+    let a = Sidecar::start(&member(&ws, &engine_a, "a", port_a, &[port_b]), &ws.logs()).await.unwrap();
+    let spec_b = member(&ws, &engine_b, "b", port_b, &[port_a]);
+    let mut b = Sidecar::start(&spec_b, &ws.logs()).await.unwrap();
+
+    let seen_by_a = wait_peer(&a, Duration::from_secs(10), |peer| peer["alive"] == true).await;
+    let seen_by_b = wait_peer(&b, Duration::from_secs(10), |peer| peer["alive"] == true).await;
+    let id_a = peers_of(&a).await["self"]["node_id"].as_str().unwrap().to_string();
+    let id_b = peers_of(&b).await["self"]["node_id"].as_str().unwrap().to_string();
+    assert_eq!(seen_by_a["node_id"], id_b.as_str());
+    assert_eq!(seen_by_b["node_id"], id_a.as_str());
+    assert_ne!(id_a, id_b);
+    assert_eq!(seen_by_a["engine_ready"], true);
+    let generation = seen_by_a["generation"].as_str().unwrap().to_string();
+
+    // B stops: A marks it dead within dead_after (1 s) plus a health interval.
+    b.kill();
+    let started = Instant::now();
+    wait_peer(&a, Duration::from_secs(5), |peer| peer["alive"] == false).await;
+    assert!(started.elapsed() < Duration::from_millis(2500), "dead after {:?}", started.elapsed());
+    // The warning follows at the next failed health check.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !a.log().contains("peer dead") {
+        assert!(Instant::now() < deadline, "no death warning: {}", a.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // B starts again on the same data folder: same node id, new generation.
+    let _b = Sidecar::start(&spec_b, &ws.logs()).await.unwrap();
+    let back = wait_peer(&a, Duration::from_secs(10), |peer| peer["alive"] == true).await;
+    assert_eq!(back["node_id"], id_b.as_str());
+    assert_ne!(back["generation"], generation.as_str());
+}
+
+#[tokio::test]
+async fn peer_api_requires_the_token() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let [port] = free_ports::<1>();
+    let _sidecar = Sidecar::start(&member(&ws, &engine, "a", port, &[]), &ws.logs()).await.unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+
+    let good = format!("Bearer {TOKEN}");
+    let reply = send(http::Method::GET, &format!("{base}/peer/v1/info"), bytes::Bytes::new(), &[("authorization", good.as_str())]).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["node_id"].as_str().map(str::len), Some(32));
+
+    let wrong = format!("Bearer {TOKEN}x");
+    let short = format!("Bearer {}", &TOKEN[..10]);
+    let lowercase = format!("bearer {TOKEN}");
+    let cases: [(&str, &str, &[(&str, &str)]); 7] = [
+        ("GET", "/peer/v1/info", &[]),
+        ("GET", "/peer/v1/info", &[("authorization", wrong.as_str())]),
+        ("GET", "/peer/v1/info", &[("authorization", short.as_str())]),
+        ("GET", "/peer/v1/info", &[("authorization", lowercase.as_str())]),
+        ("GET", "/peer/v1/info", &[("authorization", good.as_str()), ("authorization", good.as_str())]),
+        ("GET", "/peer/v1/no-such-endpoint", &[]),
+        ("POST", "/peer/v1/info", &[]),
+    ];
+    for (method, path, headers) in cases {
+        let reply = send(method.parse().unwrap(), &format!("{base}{path}"), bytes::Bytes::new(), headers).await.unwrap();
+        assert_eq!(reply.status, 401, "{method} {path} {headers:?}");
+        assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        let body = String::from_utf8_lossy(&reply.body);
+        assert!(!body.contains("node_id"), "{body}");
+        assert!(!body.contains("no-such"), "{body}");
+    }
+}
+
+#[test]
+fn fleet_without_a_token_does_not_start() {
+    kvsidecar_tests::shipped_plugins();
+    let ws = Workspace::new();
+    let [listen, admin] = free_ports::<2>();
+    let output = std::process::Command::new(kvsidecar_tests::sidecar_binary())
+        .args(["serve", "--listen", &format!("127.0.0.1:{listen}"), "--admin-listen", &format!("127.0.0.1:{admin}"), "--peers", "http://127.0.0.1:9"])
+        .arg("--data-dir")
+        .arg(ws.path("data"))
+        .env_remove("KVSIDECAR_PEER_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no peer token"), "{stderr}");
+    assert!(stderr.contains("--peer-token-file"), "{stderr}");
+}
