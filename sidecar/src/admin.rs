@@ -114,7 +114,7 @@ async fn snapshots(app: &Arc<App>) -> Response<ResponseBody> {
 /// This node's identity and what it knows of its peers; an empty list on a single node.
 fn peers(app: &App) -> Response<ResponseBody> {
     let mut body = match &app.fleet {
-        Some(fleet) => fleet.peers.describe(),
+        Some(fleet) => fleet.peers.describe(&fleet.index),
         None => json!({"peers": []}),
     };
     body["self"] = crate::peer::info(app);

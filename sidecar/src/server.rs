@@ -17,6 +17,8 @@ use crate::engine::llamacpp::LlamaCpp;
 use crate::config::Config;
 use crate::proxy::ResponseBody;
 use crate::costs::Costs;
+use crate::peer::index::FleetIndex;
+use crate::peer::journal::Journal;
 use crate::peer::{self, Fleet, Identity, PeerTable, Token};
 use crate::plugin::{self, Plugins};
 use crate::store::Store;
@@ -59,7 +61,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let fleet = match Token::load(&config, std::env::var(peer::TOKEN_VARIABLE).ok()).map_err(ServeError::Fleet)? {
         Some(token) => {
             let identity = Identity::load(&config.store.data_dir).map_err(ServeError::Fleet)?;
-            Some(Arc::new(Fleet { identity, token, peers: PeerTable::new(config.peers.dead_after) }))
+            let journal = Arc::new(Journal::new(config.peers.journal_entries as usize));
+            store.set_observer(journal.clone());
+            let index = FleetIndex::new(config.peers.index_blocks as usize);
+            Some(Arc::new(Fleet { identity, token, peers: PeerTable::new(config.peers.dead_after), journal, index }))
         }
         None => None,
     };

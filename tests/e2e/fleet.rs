@@ -133,3 +133,51 @@ fn fleet_without_a_token_does_not_start() {
     assert!(stderr.contains("no peer token"), "{stderr}");
     assert!(stderr.contains("--peer-token-file"), "{stderr}");
 }
+
+/// Sends a native completion of `prompt` and checks it succeeded.
+async fn complete(sidecar: &Sidecar, prompt: &[u32]) {
+    let body = serde_json::json!({"prompt": prompt, "n_predict": 1, "temperature": 0.0});
+    let reply = kvsidecar_tests::post_json(&format!("{}/completion", sidecar.url), &body).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+}
+
+#[tokio::test]
+async fn peers_follow_index_changes() {
+    let ws = Workspace::new();
+    let engine_a = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let engine_b = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let [port_a, port_b] = free_ports::<2>();
+    let mut spec_a = member(&ws, &engine_a, "a", port_a, &[port_b]);
+    // Room for about three snapshots of 200 tokens, so later ones evict earlier ones.
+    spec_a.env.extend([("KVSIDECAR_STORE_CAPACITY".to_string(), "1500KiB".to_string()), ("KVSIDECAR_STORE_CHUNK_SIZE".to_string(), "64KiB".to_string())]);
+    let mut a = Sidecar::start(&spec_a, &ws.logs()).await.unwrap();
+    let b = Sidecar::start(&member(&ws, &engine_b, "b", port_b, &[port_a]), &ws.logs()).await.unwrap();
+    wait_peer(&b, Duration::from_secs(10), |peer| peer["alive"] == true).await;
+
+    // Stores and evictions on A reach B's view of A within a second of each change.
+    for seed in 0..6u64 {
+        complete(&a, &kvsidecar_tests::tokens(40 + seed, 200)).await;
+        let stats = a.wait_stats(Duration::from_secs(30), |s| s["requests"]["snapshots_saved"].as_u64() >= Some(seed + 1)).await;
+        let stored = stats["store"]["entries"].as_u64().unwrap();
+        let started = Instant::now();
+        wait_peer(&b, Duration::from_secs(1), |peer| peer["index"]["snapshots"].as_u64() == Some(stored)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    let stats = a.stats().await;
+    assert!(stats["store"]["evicted"].as_u64().unwrap() >= 1, "{stats}");
+    let before = wait_peer(&b, Duration::from_secs(1), |_| true).await;
+
+    // A restarts: B reads A's whole index again under A's new generation, and it matches A's store.
+    a.kill();
+    let a = Sidecar::start(&spec_a, &ws.logs()).await.unwrap();
+    let entries = a.stats().await["store"]["entries"].as_u64().unwrap();
+    // A's generation changes once more when its engine is probed, so wait for the index to
+    // reach the generation A reports.
+    wait_peer(&b, Duration::from_secs(10), |peer| {
+        peer["alive"] == true
+            && peer["index"]["generation"] != before["index"]["generation"]
+            && peer["index"]["generation"] == peer["generation"]
+            && peer["index"]["snapshots"].as_u64() == Some(entries)
+    })
+    .await;
+}

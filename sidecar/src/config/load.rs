@@ -275,6 +275,8 @@ impl Sources {
             token_file: r.get("peers.token_file", Optional::<PathBuf>(None)).0,
             health_interval: r.get("peers.health_interval", Duration::from_millis(500)),
             dead_after: r.get("peers.dead_after", Duration::from_secs(2)),
+            journal_entries: r.get("peers.journal_entries", 4096),
+            index_blocks: r.get("peers.index_blocks", 262_144),
         };
         let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers };
 
@@ -351,6 +353,12 @@ impl Sources {
         }
         if config.peers.health_interval.is_zero() || config.peers.dead_after <= config.peers.health_interval {
             fail(self, "peers.dead_after", humantime::format_duration(config.peers.dead_after).to_string(), "must be longer than peers.health_interval, which must be longer than 0s");
+        }
+        if config.peers.journal_entries == 0 {
+            fail(self, "peers.journal_entries", "0".into(), "must be at least 1");
+        }
+        if config.peers.index_blocks == 0 {
+            fail(self, "peers.index_blocks", "0".into(), "must be at least 1");
         }
         if !(1..=1024).contains(&config.plugins.max_concurrent_calls) {
             fail(self, "plugins.max_concurrent_calls", config.plugins.max_concurrent_calls.to_string(), "must be between 1 and 1024");

@@ -46,6 +46,10 @@ pub struct PeersConfig {
     pub health_interval: Duration,
     /// A peer that has not answered for this long is dead and leaves routing.
     pub dead_after: Duration,
+    /// Index changes kept for peers to read; a peer further behind reads the whole index.
+    pub journal_entries: u32,
+    /// Block hashes kept per peer in the fleet index.
+    pub index_blocks: u32,
 }
 
 impl PeersConfig {

@@ -126,6 +126,8 @@ impl Config {
             ("token_file", optional(self.peers.token_file.as_ref().map(|path| path.display().to_string()))),
             ("health_interval", duration(self.peers.health_interval)),
             ("dead_after", duration(self.peers.dead_after)),
+            ("journal_entries", Value::Integer(i64::from(self.peers.journal_entries))),
+            ("index_blocks", Value::Integer(i64::from(self.peers.index_blocks))),
         ]));
         toml::to_string(&root).unwrap_or_default()
     }

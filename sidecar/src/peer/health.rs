@@ -52,8 +52,8 @@ impl PeerTable {
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Returns the peers as `/admin/peers` shows them.
-    pub fn describe(&self) -> serde_json::Value {
+    /// Returns the peers as `/admin/peers` shows them, with each one's part of `index`.
+    pub fn describe(&self, index: &super::index::FleetIndex) -> serde_json::Value {
         let entries = self.lock();
         let peers: Vec<serde_json::Value> = entries
             .iter()
@@ -70,6 +70,7 @@ impl PeerTable {
                     "snapshots": peer.snapshots,
                     "last_seen_ms_ago": peer.last_ok.map(|at| at.elapsed().as_millis() as u64),
                     "last_error": peer.last_error,
+                    "index": index.describe(url),
                 })
             })
             .collect();
@@ -135,10 +136,16 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut resolved: BTreeSet<String> = BTreeSet::new();
     let mut next_resolve = Instant::now();
     let mut own_urls: BTreeSet<String> = BTreeSet::new();
+    let mut followers: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                for follower in followers.values() {
+                    follower.abort();
+                }
+                return;
+            }
         }
         if let Some(dns) = config.dns.as_deref().filter(|_| Instant::now() >= next_resolve) {
             next_resolve = Instant::now() + config.dns_interval;
@@ -153,6 +160,17 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         }
         urls.retain(|url, _| !own_urls.contains(url));
         fleet.peers.set_urls(&urls);
+        followers.retain(|url, follower| {
+            let keep = urls.contains_key(url);
+            if !keep {
+                follower.abort();
+                fleet.index.forget(url);
+            }
+            keep
+        });
+        for url in urls.keys() {
+            followers.entry(url.clone()).or_insert_with(|| tokio::spawn(super::follow::follow(app.clone(), url.clone())));
+        }
 
         let checks = urls.keys().map(|url| check(&client, &fleet, url, config.health_interval));
         for (url, outcome) in urls.keys().zip(futures_util::future::join_all(checks).await) {

@@ -5,7 +5,10 @@
 //! generation that changes on every start and whenever its engine is probed anew (a restart), so
 //! a peer can tell that the state it learnt from this node is stale.
 
+mod follow;
 mod health;
+pub mod index;
+pub mod journal;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +19,8 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 pub use health::{PeerTable, run as run_health};
+use index::FleetIndex;
+use journal::{IndexEvent, Journal, Since};
 
 use crate::app::App;
 use crate::config::Config;
@@ -141,6 +146,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
     }
     match (request.method().as_str(), request.uri().path()) {
         ("GET", "/peer/v1/info") => json_response(StatusCode::OK, &info(&app)),
+        ("GET", "/peer/v1/index") => index(&app, request.uri().query()).await,
         (_, "/peer/v1/info") => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": {"message": "use GET /peer/v1/info", "code": "method_not_allowed"}})),
         (_, path) => json_response(StatusCode::NOT_FOUND, &json!({"error": {"message": format!("no peer endpoint {path}"), "code": "not_found"}})),
     }
@@ -162,9 +168,63 @@ pub fn info(app: &App) -> serde_json::Value {
     })
 }
 
-/// This sidecar's place in a fleet: who it is, the token, and the peers it follows.
+/// This sidecar's place in a fleet: who it is, the token, the peers it follows, its own index
+/// journal and its view of the peers' indexes.
 pub struct Fleet {
     pub identity: Identity,
     pub token: Token,
     pub peers: PeerTable,
+    pub journal: Arc<Journal>,
+    pub index: FleetIndex,
+}
+
+/// Longest wait of an index long-poll.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Returns this node's index changes after `since`, waiting up to `wait_ms` for one, or the whole
+/// index when the reader's `generation` is not this node's or `since` left the journal.
+async fn index(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
+    let Some(fleet) = app.fleet.as_ref() else { return json_response(StatusCode::NOT_FOUND, &json!({"error": {"message": "not in a fleet", "code": "not_found"}})) };
+    let mut since = 0u64;
+    let mut reader_generation = String::new();
+    let mut wait = std::time::Duration::ZERO;
+    for pair in query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+        match pair.split_once('=') {
+            Some(("since", value)) => since = value.parse().unwrap_or(u64::MAX),
+            Some(("generation", value)) => reader_generation = value.to_string(),
+            Some(("wait_ms", value)) => wait = std::time::Duration::from_millis(value.parse().unwrap_or(0)).min(MAX_WAIT),
+            _ => {}
+        }
+    }
+    let generation = fleet.identity.generation(app.ready().map(|ready| ready.generation).unwrap_or(0));
+    if reader_generation == generation {
+        fleet.journal.wait(since, wait).await;
+        if let Since::Events { last, events } = fleet.journal.since(since) {
+            return json_response(StatusCode::OK, &json!({"generation": generation, "last": last, "events": events}));
+        }
+    }
+    // The journal position is read before the listing, so changes during the listing come again
+    // as events, and applying an event twice changes nothing.
+    let last = fleet.journal.last();
+    let store = app.store.clone();
+    let listing = tokio::task::spawn_blocking(move || -> Result<Vec<IndexEvent>, String> {
+        let mut snapshots = Vec::new();
+        for meta in store.list().map_err(|error| error.to_string())? {
+            let Ok(blocks) = store.blocks(&meta.id) else { continue };
+            snapshots.push(IndexEvent::Stored {
+                id: meta.id.to_hex(),
+                namespace: meta.namespace.to_hex(),
+                tokens: meta.tokens,
+                bytes: meta.bytes,
+                blocks: blocks.iter().map(crate::prefix::Digest::to_hex).collect(),
+            });
+        }
+        Ok(snapshots)
+    })
+    .await;
+    match listing {
+        Ok(Ok(snapshots)) => json_response(StatusCode::OK, &json!({"generation": generation, "last": last, "resync": true, "snapshots": snapshots})),
+        Ok(Err(error)) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": format!("cannot list the store: {error}"), "code": "store_error"}})),
+        Err(error) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": error.to_string(), "code": "internal_error"}})),
+    }
 }

@@ -105,6 +105,12 @@ pub trait EvictionHook: Send + Sync {
     fn choose_victims(&self, bytes: u64) -> Option<Vec<Digest>>;
 }
 
+/// Follows the store's contents: every snapshot stored and every one removed, after the commit.
+pub trait StoreObserver: Send + Sync {
+    fn stored(&self, meta: &SnapshotMeta, blocks: &[Digest]);
+    fn removed(&self, ids: &[Digest]);
+}
+
 /// Counters and sizes shown by `/admin/stats`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StoreStats {

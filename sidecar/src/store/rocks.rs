@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 
 use super::access::{Access, AccessLog};
-use super::{EvictionHook, NewSnapshot, PrefixMatch, SnapshotMeta, StoreError, StoreStats, folder_size, now_ms};
+use super::{EvictionHook, NewSnapshot, StoreObserver, PrefixMatch, SnapshotMeta, StoreError, StoreStats, folder_size, now_ms};
 use crate::config::StoreConfig;
 use crate::prefix::Digest;
 
@@ -43,6 +43,8 @@ pub struct Store {
     /// The eviction policy, told about every insert, access and removal. Without one, the
     /// least recently used snapshots leave first.
     hook: OnceLock<Arc<dyn EvictionHook>>,
+    /// Told about every stored and removed snapshot (the fleet's index journal).
+    observer: OnceLock<Arc<dyn StoreObserver>>,
     chunk_size: usize,
     max_snapshot: u64,
     state: Mutex<State>,
@@ -171,6 +173,7 @@ impl Store {
             high_watermark: (config.capacity.as_u64() as f64 * config.high_watermark) as u64,
             low_watermark: (config.capacity.as_u64() as f64 * config.low_watermark) as u64,
             hook: OnceLock::new(),
+            observer: OnceLock::new(),
             chunk_size: config.chunk_size.as_u64() as usize,
             max_snapshot: config.max_snapshot.as_u64(),
             state: Mutex::new(State::default()),
@@ -265,6 +268,17 @@ impl Store {
     /// Installs the eviction policy. Only the first call has an effect.
     pub fn set_eviction_hook(&self, hook: Arc<dyn EvictionHook>) {
         let _ = self.hook.set(hook);
+    }
+
+    /// Installs the observer of stored and removed snapshots. Only the first call has an effect.
+    pub fn set_observer(&self, observer: Arc<dyn StoreObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Returns the chained block hashes of a stored snapshot.
+    pub fn blocks(&self, id: &Digest) -> Result<Vec<Digest>, StoreError> {
+        let value = self.db.get_pinned_cf(self.cf(BLOCKS), id.0)?.ok_or(StoreError::NotFound(*id))?;
+        Ok(value.chunks_exact(32).filter_map(Digest::from_slice).collect())
     }
 
     /// Returns whether a snapshot with this id is stored.
@@ -443,6 +457,12 @@ impl Store {
         if let Some(hook) = self.hook.get() {
             hook.changed(&victims, Some(&meta));
         }
+        if let Some(observer) = self.observer.get() {
+            if !victims.is_empty() {
+                observer.removed(&victims);
+            }
+            observer.stored(&meta, &new.block_hashes);
+        }
         self.reclaim(&victims);
         Ok(Some(victims))
     }
@@ -530,6 +550,9 @@ impl Store {
         drop(state);
         if let Some(hook) = self.hook.get() {
             hook.changed(ids, None);
+        }
+        if let Some(observer) = self.observer.get() {
+            observer.removed(ids);
         }
         self.reclaim(ids);
         Ok(())

@@ -1,0 +1,204 @@
+//! The fleet index: for each peer, the snapshots it stores and their chained block hashes, as
+//! learnt from its journal. It finds a request's longest stored prefix on a peer with a binary
+//! search over block hashes, without scanning, and keeps at most `peers.index_blocks` block
+//! hashes per peer, dropping that peer's oldest snapshots beyond it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde_json::json;
+
+use super::journal::IndexEvent;
+use crate::prefix::Digest;
+
+/// One snapshot as a peer announced it.
+struct Entry {
+    blocks: Vec<Digest>,
+}
+
+/// One peer's part of the index.
+#[derive(Default)]
+struct PeerView {
+    generation: String,
+    last: u64,
+    snapshots: HashMap<Digest, Entry>,
+    /// Snapshots per block hash (chained hashes make prefixes distinct).
+    blocks: HashMap<Digest, u32>,
+    /// Snapshot ids, oldest first, for the memory bound.
+    order: VecDeque<Digest>,
+    dropped: u64,
+}
+
+impl PeerView {
+    fn insert(&mut self, id: Digest, blocks: Vec<Digest>, max_blocks: usize) {
+        self.remove(&id);
+        for block in &blocks {
+            *self.blocks.entry(*block).or_default() += 1;
+        }
+        self.snapshots.insert(id, Entry { blocks });
+        self.order.push_back(id);
+        while self.blocks.len() > max_blocks {
+            let Some(oldest) = self.order.pop_front() else { break };
+            if self.remove(&oldest) {
+                self.dropped += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &Digest) -> bool {
+        let Some(entry) = self.snapshots.remove(id) else { return false };
+        for block in &entry.blocks {
+            if let Some(count) = self.blocks.get_mut(block) {
+                *count -= 1;
+                if *count == 0 {
+                    self.blocks.remove(block);
+                }
+            }
+        }
+        // The id stays in `order` until it reaches the front; removing it there is a no-op.
+        true
+    }
+}
+
+/// The index of every peer, keyed by peer URL.
+pub struct FleetIndex {
+    peers: Mutex<HashMap<String, PeerView>>,
+    max_blocks: usize,
+}
+
+/// Parses an announced snapshot; None when a field is not what the journal writes.
+fn parse_stored(id: &str, blocks: &[String]) -> Option<(Digest, Vec<Digest>)> {
+    let id = Digest::from_hex(id)?;
+    let blocks = blocks.iter().map(|block| Digest::from_hex(block)).collect::<Option<Vec<_>>>()?;
+    Some((id, blocks))
+}
+
+impl FleetIndex {
+    pub fn new(max_blocks: usize) -> FleetIndex {
+        FleetIndex { peers: Mutex::new(HashMap::new()), max_blocks: max_blocks.max(1) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PeerView>> {
+        self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Returns the generation and sequence number the index of `peer` is at.
+    pub fn position(&self, peer: &str) -> Option<(String, u64)> {
+        self.lock().get(peer).map(|view| (view.generation.clone(), view.last))
+    }
+
+    /// Replaces the index of `peer` with a full listing.
+    pub fn replace(&self, peer: &str, generation: String, last: u64, snapshots: Vec<IndexEvent>) {
+        let mut view = PeerView { generation, last, ..PeerView::default() };
+        for snapshot in snapshots {
+            if let IndexEvent::Stored { id, blocks, .. } = snapshot
+                && let Some((id, blocks)) = parse_stored(&id, &blocks)
+            {
+                view.insert(id, blocks, self.max_blocks);
+            }
+        }
+        self.lock().insert(peer.to_string(), view);
+    }
+
+    /// Applies the journal events of `peer` up to sequence `last`.
+    pub fn apply(&self, peer: &str, last: u64, events: Vec<IndexEvent>) {
+        let mut peers = self.lock();
+        let Some(view) = peers.get_mut(peer) else { return };
+        for event in events {
+            match event {
+                IndexEvent::Stored { id, blocks, .. } => {
+                    if let Some((id, blocks)) = parse_stored(&id, &blocks) {
+                        view.insert(id, blocks, self.max_blocks);
+                    }
+                }
+                IndexEvent::Removed { id } => {
+                    if let Some(id) = Digest::from_hex(&id) {
+                        view.remove(&id);
+                    }
+                }
+            }
+        }
+        view.last = last;
+    }
+
+    /// Forgets `peer`.
+    pub fn forget(&self, peer: &str) {
+        self.lock().remove(peer);
+    }
+
+    /// Returns how many leading blocks of `hashes` a snapshot on `peer` holds. Because each block
+    /// hash chains its parents, holding block `i` means holding blocks `0..=i`.
+    pub fn longest(&self, peer: &str, hashes: &[Digest]) -> usize {
+        let peers = self.lock();
+        let Some(view) = peers.get(peer) else { return 0 };
+        let (mut low, mut high) = (0usize, hashes.len());
+        while low < high {
+            let middle = (low + high) / 2;
+            if view.blocks.contains_key(&hashes[middle]) {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        low
+    }
+
+    /// Returns the stored snapshot ids of `peer`, for comparisons.
+    pub fn snapshot_ids(&self, peer: &str) -> Vec<String> {
+        let peers = self.lock();
+        let mut ids: Vec<String> = peers.get(peer).map(|view| view.snapshots.keys().map(Digest::to_hex).collect()).unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Returns the index of `peer` as `/admin/peers` shows it.
+    pub fn describe(&self, peer: &str) -> serde_json::Value {
+        let peers = self.lock();
+        match peers.get(peer) {
+            Some(view) => json!({
+                "generation": view.generation,
+                "seq": view.last,
+                "snapshots": view.snapshots.len(),
+                "blocks": view.blocks.len(),
+                "dropped_for_memory": view.dropped,
+            }),
+            None => serde_json::Value::Null,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FleetIndex, IndexEvent};
+    use crate::prefix::Digest;
+
+    fn digest(n: u8) -> Digest {
+        Digest([n; 32])
+    }
+
+    fn stored(id: u8, blocks: &[u8]) -> IndexEvent {
+        IndexEvent::Stored { id: digest(id).to_hex(), namespace: String::new(), tokens: 0, bytes: 0, blocks: blocks.iter().map(|b| digest(*b).to_hex()).collect() }
+    }
+
+    #[test]
+    fn longest_prefix_follows_events() {
+        let index = FleetIndex::new(100);
+        index.replace("a", "g1".into(), 2, vec![stored(1, &[10, 11, 12])]);
+        let request = [digest(10), digest(11), digest(12), digest(13)];
+        assert_eq!(index.longest("a", &request), 3);
+        assert_eq!(index.longest("b", &request), 0);
+        index.apply("a", 3, vec![IndexEvent::Removed { id: digest(1).to_hex() }]);
+        assert_eq!(index.longest("a", &request), 0);
+        assert_eq!(index.position("a"), Some(("g1".to_string(), 3)));
+    }
+
+    #[test]
+    fn memory_bound_drops_oldest_snapshots() {
+        let index = FleetIndex::new(4);
+        index.replace("a", "g".into(), 0, vec![stored(1, &[10, 11]), stored(2, &[20, 21]), stored(3, &[30, 31])]);
+        assert_eq!(index.snapshot_ids("a").len(), 2);
+        assert_eq!(index.longest("a", &[digest(10)]), 0);
+        assert_eq!(index.longest("a", &[digest(30), digest(31)]), 2);
+        assert_eq!(index.describe("a")["dropped_for_memory"], 1);
+    }
+}
