@@ -181,3 +181,37 @@ async fn peers_follow_index_changes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn index_churn_reaches_peers_quickly() {
+    let ws = Workspace::new();
+    let engine_a = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let engine_b = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    let [port_a, port_b] = free_ports::<2>();
+    let mut spec_a = member(&ws, &engine_a, "a", port_a, &[port_b]);
+    // Every 64-token prompt is stored, and the small store evicts as fast as it stores.
+    spec_a.env.extend([
+        ("KVSIDECAR_SNAPSHOT_MIN_TOKENS".to_string(), "64".to_string()),
+        ("KVSIDECAR_PLUGINS_ADMISSION_FILE".to_string(), "builtin".to_string()),
+        ("KVSIDECAR_STORE_CAPACITY".to_string(), "1MiB".to_string()),
+        ("KVSIDECAR_STORE_CHUNK_SIZE".to_string(), "16KiB".to_string()),
+        ("KVSIDECAR_LOG_LEVEL".to_string(), "info".to_string()),
+    ]);
+    let a = Sidecar::start(&spec_a, &ws.logs()).await.unwrap();
+    let b = Sidecar::start(&member(&ws, &engine_b, "b", port_b, &[port_a]), &ws.logs()).await.unwrap();
+    wait_peer(&b, Duration::from_secs(10), |peer| peer["alive"] == true).await;
+
+    // Each prompt is stored unless two saves are already running, and each store beyond the
+    // first few evicts one snapshot: over 1,000 index changes in all.
+    const PROMPTS: u64 = 800;
+    for seed in 0..PROMPTS {
+        complete(&a, &kvsidecar_tests::tokens(10_000 + seed, 64)).await;
+    }
+    let stats = a.wait_stats(Duration::from_secs(60), |s| s["requests"]["snapshots_saved"].as_u64().unwrap_or(0) + s["requests"]["snapshots_skipped"].as_u64().unwrap_or(0) >= PROMPTS).await;
+    let changes = stats["store"]["inserted"].as_u64().unwrap() + stats["store"]["evicted"].as_u64().unwrap();
+    assert!(changes >= 1000, "only {changes} index changes: {}", stats["store"]);
+    let entries = stats["store"]["entries"].as_u64().unwrap();
+    let started = Instant::now();
+    let seen = wait_peer(&b, Duration::from_secs(5), |peer| peer["index"]["snapshots"].as_u64() == Some(entries)).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "caught up after {:?}: {seen}", started.elapsed());
+}
