@@ -64,7 +64,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
             let journal = Arc::new(Journal::new(config.peers.journal_entries as usize));
             store.set_observer(journal.clone());
             let index = FleetIndex::new(config.peers.index_blocks as usize);
-            Some(Arc::new(Fleet { identity, token, peers: PeerTable::new(config.peers.dead_after), journal, index }))
+            Some(Arc::new(Fleet::new(identity, token, PeerTable::new(config.peers.dead_after), journal, index)))
         }
         None => None,
     };

@@ -42,7 +42,7 @@ pub struct SlotLease {
     _guard: OwnedMutexGuard<()>,
 }
 
-/// A slot as the router sees it.
+/// State of a slot as the router receives it.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotView {
     pub slot: u32,
@@ -125,26 +125,12 @@ impl Slots {
         self.contents(slot).owner.as_ref() == Some(namespace)
     }
 
-    /// Returns, for each slot, its common prefix with `prompt` (zero unless `namespace` owns
-    /// the slot) and whether the slot is free now.
-    pub fn survey(&self, prompt: &[u32], namespace: &Namespace) -> Vec<(u32, usize, bool)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .map(|(id, slot)| {
-                let contents = lock(&slot.contents);
-                let common = if contents.owner.as_ref() == Some(namespace) { common_prefix(&contents.tokens, prompt) } else { 0 };
-                (id as u32, common, slot.lock.try_lock().is_ok())
-            })
-            .collect()
-    }
-
     /// Returns the number of slots a request runs on now.
     pub fn busy_count(&self) -> usize {
         self.slots.iter().filter(|slot| slot.lock.try_lock().is_err()).count()
     }
 
-    /// Returns each slot's state as the router sees it for `prompt`.
+    /// Returns each slot's state as the router receives it for `prompt`.
     pub fn views(&self, prompt: &[u32], namespace: &Namespace) -> Vec<SlotView> {
         self.slots
             .iter()
@@ -166,11 +152,10 @@ impl Slots {
     /// Chooses the slot for `prompt`: the one holding the longest common prefix, preferring a
     /// free slot on ties and then the least recently used.
     pub fn best_for(&self, prompt: &[u32], namespace: &Namespace) -> Option<SlotChoice> {
-        let survey = self.survey(prompt, namespace);
-        survey
+        self.views(prompt, namespace)
             .iter()
-            .max_by_key(|(id, common, free)| (*common, *free, std::cmp::Reverse(self.last_used(*id))))
-            .map(|(slot, common, _)| SlotChoice { slot: *slot, common: *common })
+            .max_by_key(|view| (view.common, !view.busy, std::cmp::Reverse(self.last_used(view.slot))))
+            .map(|view| SlotChoice { slot: view.slot, common: view.common })
     }
 
     fn last_used(&self, slot: u32) -> u64 {

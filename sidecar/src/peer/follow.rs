@@ -5,11 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::journal::IndexEvent;
@@ -38,12 +33,11 @@ struct IndexResponse {
 /// Follows the index of the peer at `url` until the task is aborted.
 pub async fn follow(app: Arc<App>, url: String) {
     let Some(fleet) = app.fleet.clone() else { return };
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let pause = app.config.peers.health_interval;
     loop {
         let (generation, since) = fleet.index.position(&url).unwrap_or_default();
-        let uri = format!("{url}/peer/v1/index?since={since}&generation={generation}&wait_ms={}", WAIT.as_millis());
-        match fetch(&client, &fleet.token.header(), &uri).await {
+        let path = format!("/peer/v1/index?since={since}&generation={generation}&wait_ms={}", WAIT.as_millis());
+        match fleet.get_json::<IndexResponse>(&url, &path, MAX_INDEX_BYTES, WAIT * 2).await {
             Ok(response) if response.resync => {
                 tracing::debug!(peer.url = %url, peer.generation = %response.generation, snapshots = response.snapshots.len(), "peer index read in full");
                 fleet.index.replace(&url, response.generation, response.last, response.snapshots);
@@ -59,17 +53,4 @@ pub async fn follow(app: Arc<App>, url: String) {
             }
         }
     }
-}
-
-async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, authorization: &str, uri: &str) -> Result<IndexResponse, String> {
-    let request = http::Request::get(uri).header(http::header::AUTHORIZATION, authorization).body(Empty::new()).map_err(|error| error.to_string())?;
-    let exchange = async {
-        let response = client.request(request).await.map_err(|error| format!("unreachable: {error}"))?;
-        if !response.status().is_success() {
-            return Err(format!("answered {}", response.status()));
-        }
-        let body = http_body_util::Limited::new(response.into_body(), MAX_INDEX_BYTES).collect().await.map_err(|error| format!("body failed: {error}"))?.to_bytes();
-        serde_json::from_slice::<IndexResponse>(&body).map_err(|error| format!("invalid index response: {error}"))
-    };
-    tokio::time::timeout(WAIT * 2, exchange).await.map_err(|_| "no answer within the long-poll time".to_string())?
 }

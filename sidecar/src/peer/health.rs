@@ -1,20 +1,14 @@
 //! Peer health: every `peers.health_interval` each known peer's `/peer/v1/info` is read. A peer
-//! that has not answered for `peers.dead_after` is dead. Peers come from `peers.urls` and from
+//! without a successful read for `peers.dead_after` is dead. Peers come from `peers.urls` and from
 //! the addresses of `peers.dns`, resolved again every `peers.dns_interval`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::Fleet;
 use crate::app::App;
 
 /// Largest `/peer/v1/info` body read.
@@ -33,7 +27,7 @@ struct PeerState {
     last_error: Option<String>,
     /// Whether the URL came from `peers.dns` rather than `peers.urls`.
     from_dns: bool,
-    /// Whether the peer's death was logged since it last answered.
+    /// Whether the peer's death was logged since its last successful health check.
     reported_dead: bool,
 }
 
@@ -130,7 +124,6 @@ impl PeerTable {
 pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let Some(fleet) = app.fleet.clone() else { return };
     let config = &app.config.peers;
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut interval = tokio::time::interval(config.health_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resolved: BTreeSet<String> = BTreeSet::new();
@@ -172,7 +165,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             followers.entry(url.clone()).or_insert_with(|| tokio::spawn(super::follow::follow(app.clone(), url.clone())));
         }
 
-        let checks = urls.keys().map(|url| check(&client, &fleet, url, config.health_interval));
+        let checks = urls.keys().map(|url| fleet.get_json::<serde_json::Value>(url, "/peer/v1/info", MAX_INFO_BYTES, config.health_interval));
         for (url, outcome) in urls.keys().zip(futures_util::future::join_all(checks).await) {
             match outcome {
                 Ok(info) if info["node_id"].as_str() == Some(fleet.identity.node_id.as_str()) => {
@@ -185,25 +178,4 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
-}
-
-/// Reads one peer's `/peer/v1/info` within `within`.
-async fn check(client: &Client<HttpConnector, Empty<Bytes>>, fleet: &Fleet, url: &str, within: Duration) -> Result<serde_json::Value, String> {
-    let request = http::Request::get(format!("{url}/peer/v1/info"))
-        .header(http::header::AUTHORIZATION, fleet.token.header())
-        .body(Empty::new())
-        .map_err(|error| format!("invalid peer URL: {error}"))?;
-    let exchange = async {
-        let response = client.request(request).await.map_err(|error| format!("unreachable: {error}"))?;
-        let status = response.status();
-        if status == http::StatusCode::UNAUTHORIZED {
-            return Err("rejected our peer token (401): the fleet's sidecars must share one token".to_string());
-        }
-        if !status.is_success() {
-            return Err(format!("answered {status}"));
-        }
-        let body = http_body_util::Limited::new(response.into_body(), MAX_INFO_BYTES).collect().await.map_err(|error| format!("body failed: {error}"))?.to_bytes();
-        serde_json::from_slice::<serde_json::Value>(&body).map_err(|error| format!("invalid info: {error}"))
-    };
-    tokio::time::timeout(within, exchange).await.map_err(|_| format!("no answer within {}", humantime::format_duration(within)))?
 }

@@ -1,5 +1,5 @@
 //! The fleet: this sidecar's identity, its authenticated peer API, and the health of the other
-//! sidecars it knows from `peers.urls` and `peers.dns`.
+//! sidecars listed in `peers.urls` or found through `peers.dns`.
 //!
 //! Every sidecar has a node id, kept in `DATA_DIR/node-id` so it survives restarts, and a
 //! generation that changes on every start and whenever its engine is probed anew (a restart), so
@@ -12,9 +12,16 @@ pub mod journal;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
@@ -176,10 +183,40 @@ pub struct Fleet {
     pub peers: PeerTable,
     pub journal: Arc<Journal>,
     pub index: FleetIndex,
+    /// One connection pool for the health checks and the index followers.
+    client: Client<HttpConnector, Empty<Bytes>>,
 }
 
-/// Longest wait of an index long-poll.
-const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+impl Fleet {
+    pub fn new(identity: Identity, token: Token, peers: PeerTable, journal: Arc<Journal>, index: FleetIndex) -> Fleet {
+        Fleet { identity, token, peers, journal, index, client: Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    /// Reads `path` (with its query) from the peer API at `url` with the fleet's token, and
+    /// parses its JSON body of at most `limit` bytes, all within `within`.
+    pub async fn get_json<T: DeserializeOwned>(&self, url: &str, path: &str, limit: usize, within: Duration) -> Result<T, String> {
+        let request = http::Request::get(format!("{url}{path}"))
+            .header(http::header::AUTHORIZATION, self.token.header())
+            .body(Empty::new())
+            .map_err(|error| format!("invalid peer URL {url}: {error}"))?;
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|error| format!("unreachable: {error}"))?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED {
+                return Err("rejected our peer token (401): the fleet's sidecars must share one token".to_string());
+            }
+            if !status.is_success() {
+                return Err(format!("responded {status} to {path}"));
+            }
+            let body = http_body_util::Limited::new(response.into_body(), limit).collect().await.map_err(|error| format!("body failed: {error}"))?.to_bytes();
+            serde_json::from_slice::<T>(&body).map_err(|error| format!("invalid response to {path}: {error}"))
+        };
+        tokio::time::timeout(within, exchange).await.map_err(|_| format!("no response within {}", humantime::format_duration(within)))?
+    }
+}
+
+/// Maximum wait of an index long-poll.
+const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// Returns this node's index changes after `since`, waiting up to `wait_ms` for one, or the whole
 /// index when the reader's `generation` is not this node's or `since` left the journal.
@@ -187,12 +224,12 @@ async fn index(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
     let Some(fleet) = app.fleet.as_ref() else { return json_response(StatusCode::NOT_FOUND, &json!({"error": {"message": "not in a fleet", "code": "not_found"}})) };
     let mut since = 0u64;
     let mut reader_generation = String::new();
-    let mut wait = std::time::Duration::ZERO;
+    let mut wait = Duration::ZERO;
     for pair in query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
         match pair.split_once('=') {
             Some(("since", value)) => since = value.parse().unwrap_or(u64::MAX),
             Some(("generation", value)) => reader_generation = value.to_string(),
-            Some(("wait_ms", value)) => wait = std::time::Duration::from_millis(value.parse().unwrap_or(0)).min(MAX_WAIT),
+            Some(("wait_ms", value)) => wait = Duration::from_millis(value.parse().unwrap_or(0)).min(MAX_WAIT),
             _ => {}
         }
     }

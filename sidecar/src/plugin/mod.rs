@@ -47,6 +47,8 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Router, Kind::Evictor, Kind::Admission];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Router => "router",
@@ -411,7 +413,7 @@ impl<I: Interface> Plugin<I> {
         }
     }
 
-    /// Logs a plugin failure, at most once per warning interval; the rest are counted.
+    /// Logs a plugin failure, at most once per warning interval, and counts the failures not logged.
     fn warn(&self, error: &CallError) {
         let now = now_ms();
         let last = self.last_warning_ms.load(Ordering::Relaxed);
@@ -538,7 +540,7 @@ impl Plugins {
             evictor: Arc::new(EvictionPolicy::new(Plugin::new(runtime.clone(), &config.plugins.evictor, config))),
             admission: AdmissionPolicy::new(Plugin::new(runtime, &config.plugins.admission, config)),
         };
-        for kind in [Kind::Router, Kind::Evictor, Kind::Admission] {
+        for kind in Kind::ALL {
             if let Reloaded::Failed { error } = plugins.reload(kind) {
                 return Err(StartError { kind, error });
             }
@@ -548,11 +550,7 @@ impl Plugins {
 
     /// Reloads every plugin whose file changed. Blocks; call it from a blocking task.
     pub fn reload_all(&self) -> Vec<(Kind, Reloaded)> {
-        vec![
-            (Kind::Router, self.router.plugin.reload()),
-            (Kind::Evictor, self.evictor.plugin.reload()),
-            (Kind::Admission, self.admission.plugin.reload()),
-        ]
+        Kind::ALL.into_iter().map(|kind| (kind, self.reload(kind))).collect()
     }
 
     /// Reloads the plugin of `kind`.

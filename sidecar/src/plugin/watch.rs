@@ -53,14 +53,11 @@ pub fn watch(plugins: Arc<Plugins>) -> Option<tokio::task::JoinHandle<()>> {
         let _watcher = watcher;
         while let Some(first) = receiver.recv().await {
             tokio::time::sleep(SETTLE).await;
-            let mut kinds = BTreeSet::from([first.as_str()]);
+            let mut kinds = vec![first];
             while let Ok(more) = receiver.try_recv() {
-                kinds.insert(more.as_str());
+                kinds.push(more);
             }
-            for kind in [Kind::Router, Kind::Evictor, Kind::Admission] {
-                if !kinds.contains(kind.as_str()) {
-                    continue;
-                }
+            for kind in Kind::ALL.into_iter().filter(|kind| kinds.contains(kind)) {
                 let plugins = plugins.clone();
                 match tokio::task::spawn_blocking(move || plugins.reload(kind)).await {
                     Ok(Reloaded::Loaded { version, sha256, .. }) => tracing::info!(plugin.kind = %kind, plugin.version = %version, plugin.sha256 = %sha256, "plugin file changed; new version serving"),
