@@ -48,7 +48,7 @@ fn with_allow(mut response: Response<ResponseBody>, methods: &'static str) -> Re
     response
 }
 
-/// Reloads the plugins whose files changed, or only the kind named by `?kind=`. Answers 200
+/// Reloads the plugins whose files changed, or only the kind named by `?kind=`. Returns 200
 /// when every reload succeeded or had nothing to do, 422 when a new version was rejected (the
 /// previous one keeps serving).
 async fn reload(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
@@ -111,7 +111,7 @@ async fn snapshots(app: &Arc<App>) -> Response<ResponseBody> {
     }
 }
 
-/// This node's identity and what it knows of its peers; an empty list on a single node.
+/// Returns this node's identity and the state of its peers, an empty list on a single node.
 fn peers(app: &App) -> Response<ResponseBody> {
     let mut body = match &app.fleet {
         Some(fleet) => fleet.peers.describe(&fleet.index),

@@ -37,7 +37,7 @@ pub enum PluginCommand {
     New {
         /// Crate name: lowercase letters, digits and hyphens.
         name: String,
-        /// Which policy the crate implements.
+        /// Kind of policy the crate implements.
         #[arg(long, value_enum)]
         kind: PluginKindArg,
         /// Folder to create the crate in.

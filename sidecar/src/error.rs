@@ -92,7 +92,7 @@ impl ApiError {
         }
     }
 
-    /// A policy plugin failed and its `on_failure` setting is `reject`.
+    /// Returns the 503 for a failed policy plugin whose `on_failure` setting is `reject`.
     pub fn policy_failed(error: &crate::plugin::CallError) -> ApiError {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

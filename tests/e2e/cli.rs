@@ -70,9 +70,11 @@ fn plugin_new_build_check_flow() {
     let manifest = parent.join("my-router/Cargo.toml");
     assert!(manifest.is_file(), "{text}");
     let (ok, text) = run(&["plugin", "new", "my-router", "--kind", "router", "--path", parent.to_str().unwrap()]);
-    assert!(!ok && text.contains("already exists"), "{text}");
+    assert!(!ok, "{text}");
+    assert!(text.contains("already exists"), "{text}");
     let (ok, text) = run(&["plugin", "new", "My Router", "--kind", "router", "--path", parent.to_str().unwrap()]);
-    assert!(!ok && text.contains("invalid plugin name"), "{text}");
+    assert!(!ok, "{text}");
+    assert!(text.contains("invalid plugin name"), "{text}");
 
     let out = ws.path("components");
     let (ok, text) = run(&["plugin", "build", "--out", out.to_str().unwrap(), "--", "--manifest-path", manifest.to_str().unwrap(), "--quiet"]);
@@ -86,5 +88,6 @@ fn plugin_new_build_check_flow() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     let (ok, text) = run(&["plugin", "check", manifest.to_str().unwrap()]);
-    assert!(!ok && text.contains("not a valid WebAssembly component"), "{text}");
+    assert!(!ok, "{text}");
+    assert!(text.contains("not a valid WebAssembly component"), "{text}");
 }

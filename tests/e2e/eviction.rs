@@ -118,7 +118,8 @@ fn lru_drops_valuable_snapshots() {
     // Least recently used first: dense, then popular, although both are worth the most per byte.
     let kept = scripted.kept(&NAMES);
     assert!(!kept.contains("dense"), "{kept:?}");
-    assert!(kept.contains("newcomer") && kept.contains("late"), "{kept:?}");
+    assert!(kept.contains("newcomer"), "{kept:?}");
+    assert!(kept.contains("late"), "{kept:?}");
     assert!(scripted.store.bytes() <= 95 << 10);
 }
 
@@ -131,7 +132,7 @@ fn fresh_evictor_replays_stored_snapshots() {
     // 60 KiB kept; 10 more stay under the high watermark, then 30 more pass it: 15 KiB must go.
     scripted.insert("filler", 10, 10);
     scripted.insert("final", 30, 30);
-    // The fresh instance knows the old snapshots from the replay, so it picks filler and late
+    // The fresh instance received the old snapshots in the replay, so it picks filler and late
     // (lowest value per byte). Without them it could name only filler, and the shortfall would
     // go to the least recently used snapshot, dense.
     let kept = scripted.kept(&["popular", "dense", "newcomer", "late", "filler", "final"]);

@@ -203,7 +203,7 @@ async fn index_churn_reaches_peers_quickly() {
 
     // Each prompt is stored unless two saves are already running, and each store beyond the
     // first few evicts one snapshot: over 1,000 index changes in all.
-    const PROMPTS: u64 = 800;
+    const PROMPTS: u64 = 1000;
     for seed in 0..PROMPTS {
         complete(&a, &kvsidecar_tests::tokens(10_000 + seed, 64)).await;
     }

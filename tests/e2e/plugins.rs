@@ -204,8 +204,8 @@ async fn slow_router_leaves_engine_checks_alone() {
             complete(&sidecar, &tokens(700 + client, 32), Some("fault")).await.status
         }));
     }
-    // While the plugin calls run, the sidecar keeps answering and checking the engine. A
-    // call that held an async worker would hold these answers for up to the 5 s deadline.
+    // While the plugin calls run, the sidecar keeps responding and checking the engine. A
+    // call that held an async worker would delay these responses for up to the 5 s deadline.
     tokio::time::sleep(Duration::from_millis(300)).await;
     for _ in 0..10 {
         let started = Instant::now();
@@ -217,8 +217,8 @@ async fn slow_router_leaves_engine_checks_alone() {
     for client in clients {
         assert_eq!(client.await.unwrap(), 200);
     }
-    // Each call ran to the deadline, or found both turns taken for a whole deadline (which
-    // of the two depends on timing); the built-in router decided all three.
+    // Each call ran to the deadline or found both turns taken for a whole deadline, depending
+    // on timing. The built-in router decided all three.
     let router = plugin(&sidecar, "router").await;
     assert_eq!(count(&router, "failures") + count(&router, "busy"), 3, "{router}");
     assert!(count(&router, "failures") >= 2, "{router}");
@@ -230,8 +230,8 @@ async fn slow_router_leaves_engine_checks_alone() {
 async fn evictor_unknown_victims_fall_back() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
-    // The plugin answers the load check's sample call and its first call on each instance
-    // correctly, and names a snapshot that does not exist after that.
+    // The plugin returns valid victims for the load check's sample call and for its first
+    // call on each instance, and names a snapshot that does not exist after that.
     let file = test_plugin("faulty-evictor");
     // About two snapshots of 200 tokens of the tiny model fit.
     let settings = [("KVSIDECAR_PLUGINS_EVICTOR_FILE", file.as_str()), ("KVSIDECAR_STORE_CAPACITY", "1MiB"), ("KVSIDECAR_STORE_CHUNK_SIZE", "64KiB")];
@@ -257,7 +257,7 @@ async fn wasi_importing_plugin_rejected() {
     let engine = Engine::start(&ws.tiny_engine(2), &ws.logs()).await.unwrap();
     let file = test_plugin("wasi-router");
 
-    // At start-up: the sidecar does not start, and says why and what to do.
+    // At start-up: the sidecar exits with the reason and the fix.
     let mut sidecar = Sidecar::spawn(&spec(&ws, &engine, &[("KVSIDECAR_PLUGINS_ROUTER_FILE", &file)]), &ws.logs()).unwrap();
     let status = sidecar.wait_exit(Duration::from_secs(60));
     let log = sidecar.log();

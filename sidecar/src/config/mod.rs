@@ -44,7 +44,7 @@ pub struct PeersConfig {
     pub token_file: Option<PathBuf>,
     /// Time between two health checks of each peer.
     pub health_interval: Duration,
-    /// A peer that has not answered for this long is dead and leaves routing.
+    /// A peer without a successful health check for this long is dead and leaves routing.
     pub dead_after: Duration,
     /// Index changes kept for peers to read; a peer further behind reads the whole index.
     pub journal_entries: u32,
@@ -168,7 +168,7 @@ pub struct SnapshotConfig {
     pub restore_min_gain: u32,
 }
 
-/// What happens to a request when its plugin fails.
+/// Action taken when a plugin call fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
@@ -211,7 +211,7 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Folder of compiled plugin artifacts.
     pub cache_dir: PathBuf,
-    /// Longest a single plugin call may run.
+    /// Maximum time a single plugin call may run.
     pub deadline: Duration,
     /// Largest memory a plugin instance may grow to, all its memories and tables together.
     pub memory_limit: ByteSize,

@@ -57,7 +57,7 @@ pub fn scaffold(name: &str, kind: Kind, parent: &Path, sdk: Option<&Path>) -> an
 
 /// Builds the plugin crates selected by `cargo_args` (such as `--manifest-path` and `-p`) for
 /// `target` (normally [`TARGET`]) in release mode, wraps each module as a component, and writes
-/// it to `out/<crate-name>.wasm` by rename, so a watching sidecar never sees a partial file.
+/// it to `out/<crate-name>.wasm` by rename, so a watching sidecar never loads a partial file.
 pub fn build(target: &str, cargo_args: &[String], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if let Some(given) = cargo_args.iter().find(|arg| *arg == "--target" || arg.starts_with("--target=")) {
         bail!("`{given}` is not allowed here: plugins are built for {TARGET}, and other targets (such as wasm32-wasip2) produce components that import WASI, which kvsidecar rejects");

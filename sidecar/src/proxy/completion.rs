@@ -48,7 +48,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoin
     }
 }
 
-/// Where the router wants a request's KV to come from.
+/// Source of a request's KV, as the router chose it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KvSource {
     /// The serving slot's own prefix.
@@ -189,7 +189,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
 
     // Route: the router policy picks the serving slot and the KV source among the slots and
     // the store. A slot the client pinned with id_slot keeps the built-in rule: restore when the
-    // store holds at least snapshot.restore_min_gain more tokens than the slot.
+    // store contains at least snapshot.restore_min_gain more tokens than the slot.
     let min_gain = app.config.snapshot.restore_min_gain as usize;
     let (slot, kv) = match parsed.requested_slot {
         Some(slot) => (slot, KvSource::Builtin),
@@ -198,7 +198,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     let lease = ready.slots.acquire(slot).await.ok_or_else(|| ApiError::internal(format!("slot {slot} vanished")))?;
 
     // Restore: the slot's contents may have changed while waiting, so the store is used only
-    // when it still holds more of the prompt than the slot.
+    // when it still contains more of the prompt than the slot.
     let mut reusable = ready.slots.reusable_by(slot, &namespace);
     let mut common = if reusable { common_prefix(&ready.slots.tokens(slot), &tokens) } else { 0 };
     let mut source = CacheSource::Slot;

@@ -94,7 +94,7 @@ pub enum StoreError {
     EvictionRejected,
 }
 
-/// The eviction policy as the store sees it: told about every change, asked for victims.
+/// The eviction policy as the store uses it: notified of every change, requested for victims.
 pub trait EvictionHook: Send + Sync {
     /// Snapshots left the store, and one may have entered it, in one committed batch.
     fn changed(&self, removed: &[Digest], inserted: Option<&SnapshotMeta>);

@@ -40,7 +40,7 @@ pub struct Store {
     /// Stored bytes above which an insert makes room, and the level it evicts down to.
     high_watermark: u64,
     low_watermark: u64,
-    /// The eviction policy, told about every insert, access and removal. Without one, the
+    /// The eviction policy, notified of every insert, access and removal. Without one, the
     /// least recently used snapshots leave first.
     hook: OnceLock<Arc<dyn EvictionHook>>,
     /// Told about every stored and removed snapshot (the fleet's index journal).
@@ -469,7 +469,7 @@ impl Store {
 
     /// Chooses the snapshots to evict so that `incoming` more bytes fit. Nothing is evicted
     /// while the total stays at or below the high watermark; above it, the eviction policy is
-    /// asked for enough bytes to reach the low watermark, its answer is checked against the
+    /// requested enough bytes to reach the low watermark, its victims are checked against the
     /// store, and least recently used snapshots make up any shortfall. Fails only when the
     /// policy refuses (`on_failure = "reject"`).
     fn choose_victims(&self, incoming: u64, keep: &Digest) -> Result<Vec<Digest>, StoreError> {

@@ -1,4 +1,4 @@
-//! Test evictor whose bug shows only after its first answer: the first `choose-victims` call of
+//! Test evictor whose bug shows only after its first victim list: the first `choose-victims` call of
 //! an instance (the load check's sample call, or the first real one) names the oldest stored
 //! snapshots, and every later call names a snapshot that does not exist.
 
