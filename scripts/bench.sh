@@ -6,6 +6,8 @@
 #   scripts/bench.sh overhead   added latency on a miss, end to end with the tiny model
 #   scripts/bench.sh restore    TTFT cold versus restored, 2k/4k/8k tokens, demo model
 #   scripts/bench.sh plugins    Wasm router versus native, plugin swap time, latency during swaps
+#   scripts/bench.sh transfer   peer pull of a 50 MB snapshot versus the loopback TCP ceiling
+#   scripts/bench.sh fleet      trace replay on a 3-node fleet, versus engines alone and one shared cache
 #   scripts/bench.sh            all of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +21,14 @@ run() {
     overhead) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin proxy_overhead ;;
     restore) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin restore_ttft ;;
     plugins) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin plugin_overhead ;;
-    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore or plugins" >&2; exit 2 ;;
+    transfer) cargo run --release -p kvsidecar-benches --bin peer_transfer ;;
+    fleet) FLEET_REFERENCE=1 scripts/demo.sh ;;
+    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore, plugins, transfer or fleet" >&2; exit 2 ;;
   esac
 }
 
 if (($#)); then
   for name in "$@"; do run "$name"; done
 else
-  for name in hashing miss overhead restore plugins; do run "$name"; done
+  for name in hashing miss overhead restore plugins transfer fleet; do run "$name"; done
 fi

@@ -94,6 +94,14 @@ impl Candidate {
         Candidate { id: 0, kind: CandidateKind::LocalStore, matched_tokens: matched, resident_tokens: matched, tier: Tier::Disk, ..Candidate::slot(0) }
     }
 
+    /// Returns healthy, idle peer number `index` holding `matched` tokens of the prompt in
+    /// `tier`: its engine slots (`Device`, which cannot be moved) or its store (any other tier,
+    /// movable at `transfer_cost_ms`).
+    pub fn peer(index: u32, matched: u32, tier: Tier) -> Candidate {
+        let transfer_cost_ms = if tier == Tier::Device { f64::INFINITY } else { 0.0 };
+        Candidate { id: index, kind: CandidateKind::Peer, matched_tokens: matched, resident_tokens: matched, tier, transfer_cost_ms, ..Candidate::slot(0) }
+    }
+
     /// Sets the matched prompt tokens, and raises the resident tokens to at least as many.
     pub fn matched(mut self, tokens: u32) -> Candidate {
         self.matched_tokens = tokens;

@@ -26,6 +26,8 @@ pub enum CacheSource {
     Slot,
     /// A snapshot from the local store was restored into the slot.
     Local,
+    /// A snapshot pulled from a peer was restored into the slot.
+    Peer,
 }
 
 impl CacheSource {
@@ -34,6 +36,7 @@ impl CacheSource {
             CacheSource::None => "none",
             CacheSource::Slot => "slot",
             CacheSource::Local => "local",
+            CacheSource::Peer => "peer",
         }
     }
 }
@@ -54,6 +57,7 @@ pub struct Counters {
     pub source_none: AtomicU64,
     pub source_slot: AtomicU64,
     pub source_local: AtomicU64,
+    pub source_peer: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
     pub restores: AtomicU64,
@@ -62,6 +66,20 @@ pub struct Counters {
     pub snapshots_skipped: AtomicU64,
     pub snapshots_failed: AtomicU64,
     pub client_disconnects: AtomicU64,
+    /// Snapshots pulled from peers and restored.
+    pub pulls: AtomicU64,
+    /// Pulls that failed: the peer or the connection broke, or the snapshot did not fit.
+    pub pulls_failed: AtomicU64,
+    /// Pulls whose bytes did not match the size and BLAKE3 digest the peer announced.
+    pub pulls_corrupt: AtomicU64,
+    /// Pulled bytes, before compression.
+    pub pulled_bytes: AtomicU64,
+    /// Requests sent to a peer to serve.
+    pub forwards: AtomicU64,
+    /// Forwards that failed before any byte reached the client, then served here.
+    pub forwards_failed: AtomicU64,
+    /// Requests that a peer forwarded to this node.
+    pub forwarded_in: AtomicU64,
 }
 
 impl Counters {
@@ -74,6 +92,7 @@ impl Counters {
             CacheSource::None => &self.source_none,
             CacheSource::Slot => &self.source_slot,
             CacheSource::Local => &self.source_local,
+            CacheSource::Peer => &self.source_peer,
         };
         Self::add(counter, 1);
     }
@@ -87,6 +106,7 @@ impl Counters {
                 "none": get(&self.source_none),
                 "slot": get(&self.source_slot),
                 "local": get(&self.source_local),
+                "peer": get(&self.source_peer),
             },
             "prompt_tokens": get(&self.prompt_tokens),
             "cached_tokens": get(&self.cached_tokens),
@@ -96,6 +116,15 @@ impl Counters {
             "snapshots_skipped": get(&self.snapshots_skipped),
             "snapshots_failed": get(&self.snapshots_failed),
             "client_disconnects": get(&self.client_disconnects),
+            "peer": {
+                "pulls": get(&self.pulls),
+                "pulls_failed": get(&self.pulls_failed),
+                "pulls_corrupt": get(&self.pulls_corrupt),
+                "pulled_bytes": get(&self.pulled_bytes),
+                "forwards": get(&self.forwards),
+                "forwards_failed": get(&self.forwards_failed),
+                "forwarded_in": get(&self.forwarded_in),
+            },
         })
     }
 }
@@ -172,7 +201,11 @@ impl App {
 
     /// Marks the engine not ready. `unreachable` separates a stopped engine from one still starting.
     pub fn set_not_ready(&self, reason: String, unreachable: bool) {
-        self.ready.store(None);
+        if self.ready.swap(None).is_some()
+            && let Some(fleet) = &self.fleet
+        {
+            fleet.journal.push(crate::peer::journal::IndexEvent::SlotsCleared);
+        }
         self.not_ready.store(Some(Arc::new(NotReady { reason, unreachable })));
     }
 

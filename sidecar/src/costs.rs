@@ -12,6 +12,8 @@ pub struct Costs {
     restore_us_per_token: AtomicU64,
     /// Snapshot bytes per token; zero until a snapshot is stored.
     snapshot_bytes_per_token: AtomicU64,
+    /// Bytes per millisecond of snapshot pulls from peers, compression and verification included.
+    pull_bytes_per_ms: AtomicU64,
 }
 
 /// Fixed part of a restore: writing the slot file and the engine's load call.
@@ -25,6 +27,8 @@ impl Default for Costs {
             prefill_us_per_token: AtomicU64::new(1000f64.to_bits()),
             restore_us_per_token: AtomicU64::new(50f64.to_bits()),
             snapshot_bytes_per_token: AtomicU64::new(0f64.to_bits()),
+            // 100 MB/s, below what a data-centre link gives, until a pull is measured.
+            pull_bytes_per_ms: AtomicU64::new(100_000f64.to_bits()),
         }
     }
 }
@@ -63,6 +67,18 @@ impl Costs {
         if tokens > 0 {
             self.snapshot_bytes_per_token.store((bytes as f64 / tokens as f64).to_bits(), Ordering::Relaxed);
         }
+    }
+
+    /// Records that a pull of `bytes` bytes from a peer took `ms` milliseconds.
+    pub fn observe_pull(&self, bytes: u64, ms: f64) {
+        if bytes >= 64 << 10 {
+            observe(&self.pull_bytes_per_ms, bytes as f64 / ms.max(0.001));
+        }
+    }
+
+    /// Estimated milliseconds to pull a snapshot of `tokens` tokens from a peer and restore it.
+    pub fn pull_ms(&self, tokens: u64) -> f64 {
+        self.snapshot_bytes(tokens) as f64 / load(&self.pull_bytes_per_ms) + self.restore_ms(tokens)
     }
 
     /// Estimated size of a snapshot of `tokens` tokens; zero before the first snapshot.

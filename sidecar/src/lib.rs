@@ -18,7 +18,8 @@
 //!
 //! Around them: [`config`] and [`cli`] for start-up, [`monitor`] for engine readiness and
 //! restarts, [`admin`] for the loopback admin API, [`app`] for shared state, [`costs`] for the
-//! cost estimates the policies receive, [`peer`] for the fleet: identity, peer API and peer health.
+//! cost estimates the policies receive, [`peer`] for the fleet: identity, peer API, peer health, the fleet index, snapshot
+//! transfer and forwarding.
 
 pub mod admin;
 pub mod app;

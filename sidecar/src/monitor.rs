@@ -27,7 +27,11 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             match app.engine.probe().await {
                 Ok(info) => {
                     generation += 1;
-                    let slots = Slots::new(info.total_slots);
+                    let observer = app.fleet.as_ref().map(|fleet| {
+                        let journal = crate::peer::journal::SlotJournal { journal: fleet.journal.clone(), block_tokens: app.config.prefix.block_tokens.get() as usize };
+                        Arc::new(journal) as Arc<dyn crate::slots::SlotObserver>
+                    });
+                    let slots = Slots::observed(info.total_slots, observer);
                     // The probe's completions ran in slot 0, so its contents belong to no request.
                     slots.set_foreign(0, Vec::new());
                     tracing::info!(

@@ -1,11 +1,17 @@
-//! The restore step: a stored snapshot written into the shared slot folder, verified, and loaded
-//! into an engine slot before the request is forwarded.
+//! The restore step: a stored snapshot, or one pulled from a peer, written into the shared slot
+//! folder, verified, and loaded into an engine slot before the request is forwarded.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use kvsidecar_sdk::AdmissionCandidate;
+
 use crate::app::{App, Counters, Ready};
-use crate::prefix::Namespace;
-use crate::store::{PrefixMatch, StoreError};
+use crate::engine::slot_file;
+use crate::peer::PeerLoad;
+use crate::peer::transfer::{self, PullError};
+use crate::prefix::{Digest, Namespace, block_hashes, sequence_id};
+use crate::store::{NewSnapshot, PrefixMatch, StoreError};
 
 /// Restores snapshot `found` of `namespace` into `slot`, which the caller holds. Returns the
 /// tokens the slot now contains, or None when the restore did not happen (a miss: the request is
@@ -62,33 +68,157 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
         }
     }
 
+    let loaded = load_file(app, ready, slot, &name, tokens, namespace).await;
+    let _ = tokio::fs::remove_file(&path).await;
+    if loaded.is_some() {
+        app.store.record_access(&id);
+    }
+    loaded
+}
+
+/// Loads the slot file `name` in the shared slot folder, which holds `tokens`, into `slot`.
+/// Returns the tokens on success; on failure the slot's contents are marked unknown.
+async fn load_file(app: &Arc<App>, ready: &Ready, slot: u32, name: &str, tokens: Vec<u32>, namespace: Namespace) -> Option<Vec<u32>> {
     if !app.engine_unchanged(ready).await {
-        let _ = tokio::fs::remove_file(&path).await;
         return None;
     }
-    let restored = app.engine.restore_slot(slot, &name).await;
-    let _ = tokio::fs::remove_file(&path).await;
-    match restored {
+    match app.engine.restore_slot(slot, name).await {
         Ok(outcome) if outcome.tokens as usize == tokens.len() => {
-            tracing::debug!(snapshot.id = %id, slot, tokens = outcome.tokens, restore_ms = outcome.elapsed.as_secs_f64() * 1000.0, "snapshot restored");
+            tracing::debug!(slot, tokens = outcome.tokens, restore_ms = outcome.elapsed.as_secs_f64() * 1000.0, "snapshot restored");
             Counters::add(&app.counters.restores, 1);
             app.costs.observe_restore(u64::from(outcome.tokens), outcome.elapsed.as_secs_f64() * 1000.0);
-            app.store.record_access(&id);
             ready.slots.set_tokens(slot, tokens.clone(), namespace);
             Some(tokens)
         }
         Ok(outcome) => {
-            tracing::warn!(snapshot.id = %id, slot, restored = outcome.tokens, expected = tokens.len(), "engine restored a different token count; treating the slot as unknown");
+            tracing::warn!(slot, restored = outcome.tokens, expected = tokens.len(), "engine restored a different token count; treating the slot as unknown");
             Counters::add(&app.counters.restores_failed, 1);
             ready.slots.set_foreign(slot, Vec::new());
             None
         }
         Err(error) => {
             // A failed restore leaves the engine's slot empty.
-            tracing::warn!(snapshot.id = %id, slot, error = %error, "engine rejected the snapshot; computing the prompt instead");
+            tracing::warn!(slot, error = %error, "engine rejected the snapshot; computing the prompt instead");
             Counters::add(&app.counters.restores_failed, 1);
             ready.slots.set_foreign(slot, Vec::new());
             None
         }
     }
+}
+
+/// Pulls from `peer` the snapshot holding the prompt blocks `hashes` of `namespace`, checks that
+/// it holds exactly those blocks in this engine's KV layout, and loads it into `slot`, which the
+/// caller holds. The admission policy then decides, off the request path, whether the store
+/// keeps a copy. Returns the tokens the slot now contains, or None: a miss, never a partial or
+/// unverified restore.
+pub async fn from_peer(app: &Arc<App>, ready: &Arc<Ready>, slot: u32, peer: &PeerLoad, hashes: &[Digest], namespace: Namespace, tenant: &str) -> Option<Vec<u32>> {
+    let fleet = app.fleet.as_ref()?;
+    let last = hashes.last()?;
+    let name = app.slot_file_name("pull", slot);
+    let path = app.config.engine.slot_dir.join(&name);
+    let max_bytes = app.config.store.max_snapshot.as_u64();
+    let pulled = match transfer::pull(fleet, &peer.url, &namespace.0, last, &path, max_bytes, app.config.peers.transfer_timeout).await {
+        Ok(pulled) => pulled,
+        Err(PullError::Corrupt(reason)) => {
+            Counters::add(&app.counters.pulls_corrupt, 1);
+            tracing::warn!(peer.url = %peer.url, peer.node_id = %peer.node_id, reason = %reason, "snapshot from a peer failed verification; computing the prompt instead");
+            return None;
+        }
+        Err(error) => {
+            Counters::add(&app.counters.pulls_failed, 1);
+            tracing::info!(peer.url = %peer.url, peer.node_id = %peer.node_id, error = %error, "snapshot pull from a peer failed; computing the prompt instead");
+            return None;
+        }
+    };
+
+    // The bytes are what the peer announced; now they must be what this request needs.
+    let block = app.config.prefix.block_tokens.get() as usize;
+    let layout = ready.info.fingerprint_inputs.layout.clone();
+    let parse_path = path.clone();
+    let expected: Vec<Digest> = hashes.to_vec();
+    let checked = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, String> {
+        let file = std::fs::File::open(&parse_path).map_err(|error| error.to_string())?;
+        let summary = slot_file::parse(std::io::BufReader::new(file)).map_err(|error| format!("invalid slot file: {error}"))?;
+        if summary.layout != layout {
+            return Err("its KV layout differs from this engine's".into());
+        }
+        if summary.tokens.len() != summary.cells as usize {
+            return Err(format!("it lists {} tokens for {} KV cells", summary.tokens.len(), summary.cells));
+        }
+        if sequence_id(&namespace, &summary.tokens) != pulled.id {
+            return Err("its tokens do not give the snapshot id the peer announced".into());
+        }
+        let blocks = block_hashes(&namespace, &summary.tokens, block);
+        if !blocks.starts_with(&expected) {
+            return Err("it does not hold the requested prefix blocks".into());
+        }
+        Ok(summary.tokens)
+    })
+    .await;
+    let tokens = match checked {
+        Ok(Ok(tokens)) => tokens,
+        Ok(Err(reason)) => {
+            Counters::add(&app.counters.pulls_corrupt, 1);
+            tracing::warn!(peer.url = %peer.url, peer.node_id = %peer.node_id, snapshot.id = %pulled.id, reason = %reason, "snapshot from a peer rejected; computing the prompt instead");
+            let _ = tokio::fs::remove_file(&path).await;
+            return None;
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "pulled snapshot check task failed");
+            let _ = tokio::fs::remove_file(&path).await;
+            return None;
+        }
+    };
+
+    Counters::add(&app.counters.pulls, 1);
+    Counters::add(&app.counters.pulled_bytes, pulled.bytes);
+    app.costs.observe_pull(pulled.bytes, pulled.elapsed.as_secs_f64() * 1000.0);
+    tracing::debug!(peer.url = %peer.url, snapshot.id = %pulled.id, bytes = pulled.bytes, pull_ms = pulled.elapsed.as_secs_f64() * 1000.0, "snapshot pulled from a peer");
+    let loaded = load_file(app, ready, slot, &name, tokens.clone(), namespace).await;
+    keep_copy(app.clone(), ready.clone(), path, pulled.id, namespace, tenant.to_string(), tokens);
+    loaded
+}
+
+/// Asks the admission policy whether the store keeps the pulled snapshot at `path`, stores it if
+/// so, and removes the file, all off the request path.
+fn keep_copy(app: Arc<App>, ready: Arc<Ready>, path: PathBuf, id: Digest, namespace: Namespace, tenant: String, tokens: Vec<u32>) {
+    tokio::spawn(async move {
+        let bytes = tokio::fs::metadata(&path).await.map(|meta| meta.len()).unwrap_or(0);
+        let block = app.config.prefix.block_tokens.get();
+        let candidate = AdmissionCandidate {
+            namespace: namespace.0.to_hex(),
+            tenant: tenant.clone(),
+            tokens: tokens.len() as u32,
+            stored_tokens: 0,
+            estimated_bytes: bytes,
+            recompute_cost_ms: app.costs.recompute_ms(tokens.len() as u64),
+            store_bytes: app.store.bytes(),
+            store_capacity: app.config.store.capacity.as_u64(),
+        };
+        let plugins = app.plugins.clone();
+        let admitted = !app.store.contains(&id) && tokio::task::spawn_blocking(move || plugins.admission.admit(&candidate)).await.unwrap_or(false);
+        if admitted {
+            let new = NewSnapshot {
+                id,
+                namespace: namespace.0,
+                fingerprint: ready.info.fingerprint.to_hex(),
+                tenant,
+                block_hashes: block_hashes(&namespace, &tokens, block as usize),
+                tokens,
+                block_tokens: block,
+            };
+            let store = app.store.clone();
+            let file = path.clone();
+            match tokio::task::spawn_blocking(move || store.insert(&new, &file)).await {
+                Ok(Ok(Some(_))) => {
+                    Counters::add(&app.counters.snapshots_saved, 1);
+                    tracing::debug!(snapshot.id = %id, "pulled snapshot stored");
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => tracing::warn!(snapshot.id = %id, error = %error, "failed to store a pulled snapshot"),
+                Err(error) => tracing::error!(snapshot.id = %id, error = %error, "pulled snapshot store task failed"),
+            }
+        }
+        let _ = tokio::fs::remove_file(&path).await;
+    });
 }

@@ -30,10 +30,16 @@ struct Slot {
     waiting: AtomicU32,
 }
 
+/// Told about every change of a slot's contents (the fleet's index journal).
+pub trait SlotObserver: Send + Sync {
+    fn changed(&self, slot: u32, contents: &SlotContents);
+}
+
 /// The slot table of one engine process.
 pub struct Slots {
     slots: Vec<Slot>,
     clock: AtomicU64,
+    observer: Option<Arc<dyn SlotObserver>>,
 }
 
 /// A slot held by one request. Dropping it lets the next request use the slot.
@@ -66,10 +72,15 @@ pub struct SlotChoice {
 
 impl Slots {
     pub fn new(count: u32) -> Slots {
+        Slots::observed(count, None)
+    }
+
+    /// Returns a slot table that reports every change of a slot's contents to `observer`.
+    pub fn observed(count: u32, observer: Option<Arc<dyn SlotObserver>>) -> Slots {
         let slots = (0..count)
             .map(|_| Slot { lock: Arc::new(Mutex::new(())), contents: SyncMutex::default(), last_used: AtomicU64::new(0), waiting: AtomicU32::new(0) })
             .collect();
-        Slots { slots, clock: AtomicU64::new(1) }
+        Slots { slots, clock: AtomicU64::new(1), observer }
     }
 
     pub fn len(&self) -> u32 {
@@ -114,8 +125,18 @@ impl Slots {
 
     fn set(&self, slot: u32, contents: SlotContents) {
         if let Some(s) = self.slots.get(slot as usize) {
-            *lock(&s.contents) = contents;
+            // Published under the slot's lock, so the journal orders a slot's changes as they happen.
+            let mut current = lock(&s.contents);
+            if let Some(observer) = &self.observer {
+                observer.changed(slot, &contents);
+            }
+            *current = contents;
         }
+    }
+
+    /// Returns each slot's contents, for a full listing of the index.
+    pub fn all_contents(&self) -> Vec<SlotContents> {
+        self.slots.iter().map(|slot| lock(&slot.contents).clone()).collect()
     }
 
     /// Returns whether a request of `namespace` may reuse what `slot` contains. Reusing another

@@ -6,6 +6,7 @@ mod cache;
 mod cli;
 mod eviction;
 mod fleet;
+mod fleet_transfer;
 mod openai_sdk;
 mod plugins;
 mod resilience;

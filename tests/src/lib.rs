@@ -442,3 +442,108 @@ impl Default for Workspace {
         Self::new()
     }
 }
+
+/// What a `FaultProxy` does to the answer of a snapshot request.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Forwards this many bytes of the answer, then holds the rest back.
+    StallAfter(usize),
+    /// Inverts the byte at this offset of the answer.
+    FlipAt(usize),
+}
+
+/// A TCP proxy on loopback in front of a peer API that damages the answers to snapshot requests
+/// (`GET /peer/v1/snapshot`) and passes everything else unchanged. It stands for a network or a
+/// peer that fails mid-transfer, which the real parts cannot do on demand.
+pub struct FaultProxy {
+    pub port: u16,
+    /// Set once a snapshot answer was damaged or held back.
+    pub triggered: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: u16, fault: Fault) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let triggered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = triggered.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    if let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                        proxy_connection(client, server, fault, flag).await;
+                    }
+                });
+            }
+        });
+        FaultProxy { port, triggered, task }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn proxy_connection(client: tokio::net::TcpStream, server: tokio::net::TcpStream, fault: Fault, triggered: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    // Set by the request direction when a snapshot request passes; HTTP/1.1 without pipelining
+    // sends a request only after the previous answer, so every answer byte after it belongs to it.
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let arm = armed.clone();
+    let requests = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            let n = match client_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if String::from_utf8_lossy(&buffer[..n]).contains("GET /peer/v1/snapshot") {
+                arm.store(true, Ordering::SeqCst);
+            }
+            if server_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    });
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut answered = 0usize;
+    loop {
+        let n = match server_read.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut chunk = &mut buffer[..n];
+        if armed.load(Ordering::SeqCst) {
+            match fault {
+                Fault::StallAfter(limit) => {
+                    let room = limit.saturating_sub(answered);
+                    if chunk.len() > room {
+                        triggered.store(true, Ordering::SeqCst);
+                        chunk = &mut chunk[..room];
+                    }
+                }
+                Fault::FlipAt(offset) => {
+                    if (answered..answered + chunk.len()).contains(&offset) {
+                        chunk[offset - answered] ^= 0xff;
+                        triggered.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            answered += n;
+        }
+        if !chunk.is_empty() && client_write.write_all(chunk).await.is_err() {
+            break;
+        }
+    }
+    // The upstream closed (or the peer died): so does the connection to the client.
+    let _ = client_write.shutdown().await;
+    requests.abort();
+}

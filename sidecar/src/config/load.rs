@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    ByteSize, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat, OnFailure, PeersConfig,
+    ByteSize, Compression, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat, OnFailure, PeersConfig,
     PluginConfig, PluginsConfig, PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig,
 };
 
@@ -226,6 +226,7 @@ impl Sources {
         let request = RequestConfig {
             tenant_header: r.get("request.tenant_header", http::HeaderName::from_static("x-kvsidecar-tenant")),
             default_tenant: r.get("request.default_tenant", "default".to_string()),
+            shared_namespaces: r.get("request.shared_namespaces", Vec::new()),
         };
         let prefix = PrefixConfig {
             block_tokens: r.get("prefix.block_tokens", NonZeroU32::new(64).expect("non-zero literal")),
@@ -277,6 +278,10 @@ impl Sources {
             dead_after: r.get("peers.dead_after", Duration::from_secs(2)),
             journal_entries: r.get("peers.journal_entries", 4096),
             index_blocks: r.get("peers.index_blocks", 262_144),
+            compression: r.get("peers.compression", Compression::Zstd),
+            zstd_level: r.get("peers.zstd_level", 3),
+            transfer_timeout: r.get("peers.transfer_timeout", Duration::from_secs(30)),
+            forward_timeout: r.get("peers.forward_timeout", Duration::from_secs(10)),
         };
         let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers };
 
@@ -320,6 +325,17 @@ impl Sources {
         ] {
             if value.is_zero() {
                 fail(self, path, humantime::format_duration(value).to_string(), "must be longer than 0s");
+            }
+        }
+        if !(1..=19).contains(&config.peers.zstd_level) {
+            fail(self, "peers.zstd_level", config.peers.zstd_level.to_string(), "must be 1 to 19; set peers.compression = \"none\" to send snapshots uncompressed");
+        }
+        if config.peers.transfer_timeout.is_zero() || config.peers.forward_timeout.is_zero() {
+            fail(self, "peers.transfer_timeout", humantime::format_duration(config.peers.transfer_timeout).to_string(), "peers.transfer_timeout and peers.forward_timeout must be longer than 0s");
+        }
+        for name in &config.request.shared_namespaces {
+            if name.is_empty() || name.len() > 256 || !name.bytes().all(|byte| byte.is_ascii_graphic()) {
+                fail(self, "request.shared_namespaces", format!("{name:?}"), "each shared namespace is 1 to 256 visible ASCII characters");
             }
         }
         if config.request.default_tenant.is_empty() {
@@ -631,6 +647,7 @@ enum_value!(KvCacheType, "f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1")
 enum_value!(FlashAttention, "on, off, auto");
 enum_value!(LogFormat, "human, json");
 enum_value!(OnFailure, "fallback, reject");
+enum_value!(Compression, "zstd, none");
 
 #[cfg(test)]
 mod tests;

@@ -50,6 +50,32 @@ pub struct PeersConfig {
     pub journal_entries: u32,
     /// Block hashes kept per peer in the fleet index.
     pub index_blocks: u32,
+    /// Encoding of snapshots sent to peers.
+    pub compression: Compression,
+    /// zstd level of snapshots sent to peers, 1 (fastest) to 19.
+    pub zstd_level: u32,
+    /// Longest a snapshot pull from a peer may take; a slower one is a miss.
+    pub transfer_timeout: Duration,
+    /// Longest wait for a peer's response head to a forwarded request; a slower one is served here.
+    pub forward_timeout: Duration,
+}
+
+/// Encoding of snapshot transfers between peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+impl Compression {
+    /// The name used in config and in the `content-encoding` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "identity",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 impl PeersConfig {
@@ -133,6 +159,9 @@ pub struct RequestConfig {
     pub tenant_header: http::HeaderName,
     /// Tenant of requests without the header.
     pub default_tenant: String,
+    /// Namespaces whose cached prefixes every tenant shares. A request joins one with the
+    /// `x-kvsidecar-namespace` header; without it, each tenant's cache is its own.
+    pub shared_namespaces: Vec<String>,
 }
 
 /// Prefix hashing.

@@ -74,6 +74,7 @@ impl Config {
         root.insert("request".into(), section(vec![
             ("tenant_header", text(&self.request.tenant_header)),
             ("default_tenant", text(&self.request.default_tenant)),
+            ("shared_namespaces", Value::Array(self.request.shared_namespaces.iter().map(text).collect())),
         ]));
         root.insert("prefix".into(), section(vec![("block_tokens", Value::Integer(i64::from(self.prefix.block_tokens.get())))]));
         root.insert("store".into(), section(vec![
@@ -128,6 +129,13 @@ impl Config {
             ("dead_after", duration(self.peers.dead_after)),
             ("journal_entries", Value::Integer(i64::from(self.peers.journal_entries))),
             ("index_blocks", Value::Integer(i64::from(self.peers.index_blocks))),
+            ("compression", text(match self.peers.compression {
+                crate::config::Compression::None => "none",
+                crate::config::Compression::Zstd => "zstd",
+            })),
+            ("zstd_level", Value::Integer(i64::from(self.peers.zstd_level))),
+            ("transfer_timeout", duration(self.peers.transfer_timeout)),
+            ("forward_timeout", duration(self.peers.forward_timeout)),
         ]));
         toml::to_string(&root).unwrap_or_default()
     }

@@ -28,6 +28,9 @@ struct IndexResponse {
     events: Vec<IndexEvent>,
     #[serde(default)]
     snapshots: Vec<IndexEvent>,
+    /// The peer's load and engine state, as `/peer/v1/info` gives them.
+    #[serde(default)]
+    info: Option<serde_json::Value>,
 }
 
 /// Follows the index of the peer at `url` until the task is aborted.
@@ -37,7 +40,11 @@ pub async fn follow(app: Arc<App>, url: String) {
     loop {
         let (generation, since) = fleet.index.position(&url).unwrap_or_default();
         let path = format!("/peer/v1/index?since={since}&generation={generation}&wait_ms={}", WAIT.as_millis());
-        match fleet.get_json::<IndexResponse>(&url, &path, MAX_INDEX_BYTES, WAIT * 2).await {
+        let answer = fleet.get_json::<IndexResponse>(&url, &path, MAX_INDEX_BYTES, WAIT * 2).await;
+        if let Ok(IndexResponse { info: Some(info), .. }) = &answer {
+            fleet.peers.record_ok(&url, info);
+        }
+        match answer {
             Ok(response) if response.resync => {
                 tracing::debug!(peer.url = %url, peer.generation = %response.generation, snapshots = response.snapshots.len(), "peer index read in full");
                 fleet.index.replace(&url, response.generation, response.last, response.snapshots);

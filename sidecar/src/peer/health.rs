@@ -31,6 +31,16 @@ struct PeerState {
     reported_dead: bool,
 }
 
+/// A live peer and its load, as routing sees it.
+#[derive(Debug, Clone)]
+pub struct PeerLoad {
+    pub url: String,
+    pub node_id: String,
+    pub engine_ready: bool,
+    pub slots: u64,
+    pub busy_slots: u64,
+}
+
 /// The peers of this sidecar and their health.
 pub struct PeerTable {
     entries: Mutex<BTreeMap<String, PeerState>>,
@@ -71,6 +81,17 @@ impl PeerTable {
         json!({ "peers": peers })
     }
 
+    /// Returns the peers that can take part in routing: alive, with a node id.
+    pub fn routable(&self) -> Vec<PeerLoad> {
+        self.lock()
+            .iter()
+            .filter(|(_, peer)| peer.last_ok.is_some_and(|at| at.elapsed() < self.dead_after))
+            .filter_map(|(url, peer)| {
+                Some(PeerLoad { url: url.clone(), node_id: peer.node_id.clone()?, engine_ready: peer.engine_ready, slots: peer.slots, busy_slots: peer.busy_slots })
+            })
+            .collect()
+    }
+
     /// Replaces the set of peer URLs, keeping what is known of those that stay.
     fn set_urls(&self, urls: &BTreeMap<String, bool>) {
         let mut entries = self.lock();
@@ -80,7 +101,7 @@ impl PeerTable {
         }
     }
 
-    fn record_ok(&self, url: &str, info: &serde_json::Value) {
+    pub(super) fn record_ok(&self, url: &str, info: &serde_json::Value) {
         let mut entries = self.lock();
         let Some(peer) = entries.get_mut(url) else { return };
         let generation = info["generation"].as_str().map(str::to_string);

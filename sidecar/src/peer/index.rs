@@ -1,7 +1,7 @@
-//! The fleet index: for each peer, the snapshots it stores and their chained block hashes, as
-//! learnt from its journal. It finds a request's longest stored prefix on a peer with a binary
-//! search over block hashes, without scanning, and keeps at most `peers.index_blocks` block
-//! hashes per peer, dropping that peer's oldest snapshots beyond it.
+//! The fleet index: for each peer, the snapshots it stores and what its engine slots hold, as
+//! chained block hashes learnt from its journal. It finds a request's longest stored prefix on a
+//! peer with a binary search over block hashes, without scanning, and keeps at most
+//! `peers.index_blocks` block hashes per peer, dropping that peer's oldest snapshots beyond it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -27,6 +27,20 @@ struct PeerView {
     /// Snapshot ids, oldest first, for the memory bound.
     order: VecDeque<Digest>,
     dropped: u64,
+    /// Chained block hashes of the KV each engine slot holds.
+    slots: HashMap<u32, Vec<Digest>>,
+}
+
+/// Most engine slots recorded per peer.
+const MAX_SLOTS: usize = 1024;
+
+/// A request's longest prefix on one peer, in blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerMatch {
+    /// Blocks held by a snapshot in the peer's store.
+    pub stored: usize,
+    /// Blocks held by one of the peer's engine slots.
+    pub slot: usize,
 }
 
 impl PeerView {
@@ -57,6 +71,38 @@ impl PeerView {
         }
         // The id stays in `order` until it reaches the front; removing it there is a no-op.
         true
+    }
+
+    fn set_slot(&mut self, slot: u32, blocks: &[String], max_blocks: usize) {
+        if blocks.is_empty() {
+            self.slots.remove(&slot);
+            return;
+        }
+        if self.slots.len() >= MAX_SLOTS && !self.slots.contains_key(&slot) {
+            return;
+        }
+        let parsed: Option<Vec<Digest>> = blocks.iter().take(max_blocks).map(|block| Digest::from_hex(block)).collect();
+        match parsed {
+            Some(parsed) => self.slots.insert(slot, parsed),
+            None => self.slots.remove(&slot),
+        };
+    }
+
+    fn apply(&mut self, event: IndexEvent, max_blocks: usize) {
+        match event {
+            IndexEvent::Stored { id, blocks, .. } => {
+                if let Some((id, blocks)) = parse_stored(&id, &blocks) {
+                    self.insert(id, blocks, max_blocks);
+                }
+            }
+            IndexEvent::Removed { id } => {
+                if let Some(id) = Digest::from_hex(&id) {
+                    self.remove(&id);
+                }
+            }
+            IndexEvent::Slot { slot, blocks } => self.set_slot(slot, &blocks, max_blocks),
+            IndexEvent::SlotsCleared => self.slots.clear(),
+        }
     }
 }
 
@@ -91,11 +137,7 @@ impl FleetIndex {
     pub fn replace(&self, peer: &str, generation: String, last: u64, snapshots: Vec<IndexEvent>) {
         let mut view = PeerView { generation, last, ..PeerView::default() };
         for snapshot in snapshots {
-            if let IndexEvent::Stored { id, blocks, .. } = snapshot
-                && let Some((id, blocks)) = parse_stored(&id, &blocks)
-            {
-                view.insert(id, blocks, self.max_blocks);
-            }
+            view.apply(snapshot, self.max_blocks);
         }
         self.lock().insert(peer.to_string(), view);
     }
@@ -105,18 +147,7 @@ impl FleetIndex {
         let mut peers = self.lock();
         let Some(view) = peers.get_mut(peer) else { return };
         for event in events {
-            match event {
-                IndexEvent::Stored { id, blocks, .. } => {
-                    if let Some((id, blocks)) = parse_stored(&id, &blocks) {
-                        view.insert(id, blocks, self.max_blocks);
-                    }
-                }
-                IndexEvent::Removed { id } => {
-                    if let Some(id) = Digest::from_hex(&id) {
-                        view.remove(&id);
-                    }
-                }
-            }
+            view.apply(event, self.max_blocks);
         }
         view.last = last;
     }
@@ -129,8 +160,13 @@ impl FleetIndex {
     /// Returns how many leading blocks of `hashes` a snapshot on `peer` holds. Because each block
     /// hash chains its parents, holding block `i` means holding blocks `0..=i`.
     pub fn longest(&self, peer: &str, hashes: &[Digest]) -> usize {
+        self.matches(peer, hashes).stored
+    }
+
+    /// Returns the longest prefix of `hashes` that `peer` holds in its store and in its slots.
+    pub fn matches(&self, peer: &str, hashes: &[Digest]) -> PeerMatch {
         let peers = self.lock();
-        let Some(view) = peers.get(peer) else { return 0 };
+        let Some(view) = peers.get(peer) else { return PeerMatch::default() };
         let (mut low, mut high) = (0usize, hashes.len());
         while low < high {
             let middle = (low + high) / 2;
@@ -140,7 +176,8 @@ impl FleetIndex {
                 high = middle;
             }
         }
-        low
+        let slot = view.slots.values().map(|blocks| blocks.iter().zip(hashes).take_while(|(a, b)| a == b).count()).max().unwrap_or(0);
+        PeerMatch { stored: low, slot }
     }
 
     /// Returns the stored snapshot ids of `peer`, for comparisons.
@@ -161,6 +198,7 @@ impl FleetIndex {
                 "snapshots": view.snapshots.len(),
                 "blocks": view.blocks.len(),
                 "dropped_for_memory": view.dropped,
+                "slot_blocks": view.slots.values().map(Vec::len).sum::<usize>(),
             }),
             None => serde_json::Value::Null,
         }
@@ -200,5 +238,18 @@ mod tests {
         assert_eq!(index.longest("a", &[digest(10)]), 0);
         assert_eq!(index.longest("a", &[digest(30), digest(31)]), 2);
         assert_eq!(index.describe("a")["dropped_for_memory"], 1);
+    }
+
+    #[test]
+    fn slot_contents_match_until_cleared() {
+        let index = FleetIndex::new(100);
+        let slot = |slot: u32, blocks: &[u8]| IndexEvent::Slot { slot, blocks: blocks.iter().map(|b| digest(*b).to_hex()).collect() };
+        index.replace("a", "g".into(), 0, vec![stored(1, &[10]), slot(0, &[10, 11, 12])]);
+        let request = [digest(10), digest(11), digest(19)];
+        assert_eq!(index.matches("a", &request), super::PeerMatch { stored: 1, slot: 2 });
+        index.apply("a", 1, vec![IndexEvent::SlotsCleared]);
+        assert_eq!(index.matches("a", &request), super::PeerMatch { stored: 1, slot: 0 });
+        index.apply("a", 2, vec![slot(3, &[10, 11]), slot(3, &[])]);
+        assert_eq!(index.matches("a", &request).slot, 0);
     }
 }

@@ -5,10 +5,12 @@
 //! generation that changes on every start and whenever its engine is probed anew (a restart), so
 //! a peer can tell that the state it learnt from this node is stale.
 
+pub mod forward;
 mod follow;
 mod health;
 pub mod index;
 pub mod journal;
+pub mod transfer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,12 +27,14 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-pub use health::{PeerTable, run as run_health};
+pub use health::{PeerLoad, PeerTable, run as run_health};
 use index::FleetIndex;
 use journal::{IndexEvent, Journal, Since};
 
 use crate::app::App;
 use crate::config::Config;
+use crate::engine::UpstreamBody;
+use crate::engine::http_client::full_body;
 use crate::proxy::{ResponseBody, json_response};
 
 /// Environment variable that can hold the peer token instead of `peers.token_file`.
@@ -154,6 +158,8 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
     match (request.method().as_str(), request.uri().path()) {
         ("GET", "/peer/v1/info") => json_response(StatusCode::OK, &info(&app)),
         ("GET", "/peer/v1/index") => index(&app, request.uri().query()).await,
+        ("GET", "/peer/v1/snapshot") => transfer::serve(&app, request.uri().query()).await,
+        ("POST", path) if path.starts_with(forward::PATH_PREFIX) => forward::serve(app, request).await,
         (_, "/peer/v1/info") => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": {"message": "use GET /peer/v1/info", "code": "method_not_allowed"}})),
         (_, path) => json_response(StatusCode::NOT_FOUND, &json!({"error": {"message": format!("no peer endpoint {path}"), "code": "not_found"}})),
     }
@@ -183,8 +189,8 @@ pub struct Fleet {
     pub peers: PeerTable,
     pub journal: Arc<Journal>,
     pub index: FleetIndex,
-    /// One connection pool for the health checks and the index followers.
-    client: Client<HttpConnector, Empty<Bytes>>,
+    /// One connection pool for health checks, index followers, transfers and forwards.
+    client: Client<HttpConnector, UpstreamBody>,
 }
 
 impl Fleet {
@@ -192,15 +198,26 @@ impl Fleet {
         Fleet { identity, token, peers, journal, index, client: Client::builder(TokioExecutor::new()).build_http() }
     }
 
+    /// Sends `GET path` (with its query) to the peer API at `url` with the fleet's token, and
+    /// returns the response head with its body still streaming.
+    pub async fn get(&self, url: &str, path: &str) -> Result<Response<Incoming>, String> {
+        let request = http::Request::get(format!("{url}{path}"))
+            .header(http::header::AUTHORIZATION, self.token.header())
+            .body(full_body(Bytes::new()))
+            .map_err(|error| format!("invalid peer URL {url}: {error}"))?;
+        self.send(request).await
+    }
+
+    /// Sends `request` to a peer; the caller set its URL and token.
+    pub async fn send(&self, request: http::Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
+        self.client.request(request).await.map_err(|error| format!("unreachable: {error}"))
+    }
+
     /// Reads `path` (with its query) from the peer API at `url` with the fleet's token, and
     /// parses its JSON body of at most `limit` bytes, all within `within`.
     pub async fn get_json<T: DeserializeOwned>(&self, url: &str, path: &str, limit: usize, within: Duration) -> Result<T, String> {
-        let request = http::Request::get(format!("{url}{path}"))
-            .header(http::header::AUTHORIZATION, self.token.header())
-            .body(Empty::new())
-            .map_err(|error| format!("invalid peer URL {url}: {error}"))?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|error| format!("unreachable: {error}"))?;
+            let response = self.get(url, path).await?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED {
                 return Err("rejected our peer token (401): the fleet's sidecars must share one token".to_string());
@@ -237,15 +254,32 @@ async fn index(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
     if reader_generation == generation {
         fleet.journal.wait(since, wait).await;
         if let Since::Events { last, events } = fleet.journal.since(since) {
-            return json_response(StatusCode::OK, &json!({"generation": generation, "last": last, "events": events}));
+            return json_response(StatusCode::OK, &json!({"generation": generation, "last": last, "events": events, "info": info(app)}));
         }
     }
     // The journal position is read before the listing, so changes during the listing come again
     // as events, and applying an event twice changes nothing.
     let last = fleet.journal.last();
+    let slots: Vec<IndexEvent> = match app.ready() {
+        Some(ready) => {
+            let block = app.config.prefix.block_tokens.get() as usize;
+            ready
+                .slots
+                .all_contents()
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, contents)| {
+                    let namespace = contents.owner.as_ref()?;
+                    let blocks = crate::prefix::block_hashes(namespace, &contents.tokens, block);
+                    (!blocks.is_empty()).then(|| IndexEvent::Slot { slot: slot as u32, blocks: blocks.iter().map(crate::prefix::Digest::to_hex).collect() })
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let store = app.store.clone();
     let listing = tokio::task::spawn_blocking(move || -> Result<Vec<IndexEvent>, String> {
-        let mut snapshots = Vec::new();
+        let mut snapshots = slots;
         for meta in store.list().map_err(|error| error.to_string())? {
             let Ok(blocks) = store.blocks(&meta.id) else { continue };
             snapshots.push(IndexEvent::Stored {
@@ -260,7 +294,7 @@ async fn index(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
     })
     .await;
     match listing {
-        Ok(Ok(snapshots)) => json_response(StatusCode::OK, &json!({"generation": generation, "last": last, "resync": true, "snapshots": snapshots})),
+        Ok(Ok(snapshots)) => json_response(StatusCode::OK, &json!({"generation": generation, "last": last, "resync": true, "snapshots": snapshots, "info": info(app)})),
         Ok(Err(error)) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": format!("cannot list the store: {error}"), "code": "store_error"}})),
         Err(error) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": error.to_string(), "code": "internal_error"}})),
     }

@@ -23,7 +23,7 @@ use crate::{restore, snapshot};
 
 /// Response header: prompt tokens the engine did not compute.
 pub const CACHED_TOKENS_HEADER: &str = "x-kvsidecar-cached-tokens";
-/// Response header: where the reused KV came from (`none`, `slot`, `local`).
+/// Response header: where the reused KV came from (`none`, `slot`, `local`, `peer`).
 pub const CACHE_SOURCE_HEADER: &str = "x-kvsidecar-cache-source";
 /// Response header: the engine slot that served the request.
 pub const SLOT_HEADER: &str = "x-kvsidecar-slot";
@@ -32,8 +32,19 @@ pub const SLOT_HEADER: &str = "x-kvsidecar-slot";
 const MAX_RESPONSE_BODY: usize = 256 << 20;
 
 pub async fn handle(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -> Response<ResponseBody> {
+    handle_from(app, request, endpoint, false).await
+}
+
+/// Serves a request that a peer forwarded: like `handle`, but never forwarded again.
+pub async fn handle_forwarded(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -> Response<ResponseBody> {
+    Counters::add(&app.counters.forwarded_in, 1);
+    handle_from(app, request, endpoint, true).await
+}
+
+async fn handle_from(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoint, forwarded: bool) -> Response<ResponseBody> {
     Counters::add(&app.counters.requests, 1);
-    match serve(&app, request, endpoint).await {
+    let served_by = app.fleet.as_ref().map(|fleet| HeaderValue::from_str(&fleet.identity.node_id).unwrap_or(HeaderValue::from_static("")));
+    let mut response = match serve(&app, request, endpoint, forwarded).await {
         Ok(response) => response,
         Err(error) => {
             Counters::add(&app.counters.requests_failed, 1);
@@ -45,8 +56,17 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoin
             }
             error.into_response()
         }
+    };
+    if let Some(node) = served_by {
+        // A forwarded response already names the peer that served it.
+        response.headers_mut().entry(crate::peer::forward::SERVED_BY_HEADER).or_insert(node);
     }
+    response
 }
+
+/// Request header: a namespace listed in `request.shared_namespaces`, whose cached prefixes
+/// every tenant shares.
+pub const NAMESPACE_HEADER: &str = "x-kvsidecar-namespace";
 
 /// Source of a request's KV, as the router chose it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +75,8 @@ enum KvSource {
     Slot,
     /// A snapshot from the local store, restored into the serving slot.
     Store,
+    /// A snapshot pulled from peer number `n` of the routing candidates.
+    Peer(usize),
     /// Nothing: the engine computes the whole prompt.
     Compute,
     /// The built-in rule, for a slot the client chose.
@@ -64,7 +86,35 @@ enum KvSource {
 /// Header with the client's task or session id, passed to the router.
 pub const TASK_HEADER: &str = "x-kvsidecar-task-id";
 
-/// Asks the router policy which slot serves and where the KV comes from. The policy runs on
+/// A peer as a routing candidate: what it holds of the prompt, and how to reach it.
+struct PeerOption {
+    load: crate::peer::PeerLoad,
+    /// Leading blocks of the prompt in the peer's store, which a pull can bring here.
+    stored_blocks: usize,
+}
+
+/// Where a request runs.
+enum Routed {
+    /// On an engine slot here, with its KV from `kv`.
+    Local { slot: u32, kv: KvSource },
+    /// On peer number `n`, by forwarding.
+    Forward(usize),
+}
+
+/// The fleet's peers as routing candidates for a prompt with block hashes `hashes`.
+fn peer_options(app: &App, hashes: &[crate::prefix::Digest]) -> (Vec<PeerOption>, Vec<crate::peer::index::PeerMatch>) {
+    let Some(fleet) = app.fleet.as_ref() else { return (Vec::new(), Vec::new()) };
+    let mut options = Vec::new();
+    let mut matches = Vec::new();
+    for load in fleet.peers.routable() {
+        let found = fleet.index.matches(&load.url, hashes);
+        options.push(PeerOption { load, stored_blocks: found.stored });
+        matches.push(found);
+    }
+    (options, matches)
+}
+
+/// Asks the router policy where the request runs and where its KV comes from. The policy runs on
 /// the blocking pool: a plugin call may run up to `plugins.deadline`, which must not hold up the
 /// async workers (and with them the engine health checks).
 #[allow(clippy::too_many_arguments)]
@@ -77,12 +127,15 @@ async fn route(
     namespace: &Namespace,
     tenant: &str,
     stored: usize,
-) -> Result<(u32, KvSource), ApiError> {
+    peers: &[PeerOption],
+    matches: &[crate::peer::index::PeerMatch],
+) -> Result<Routed, ApiError> {
     let views = ready.slots.views(tokens, namespace);
     if views.is_empty() {
         return Err(ApiError::not_ready("the engine reports no slots"));
     }
     let prompt = tokens.len() as u64;
+    let block = app.config.prefix.block_tokens.get() as u64;
     let mut candidates: Vec<Candidate> = views
         .iter()
         .map(|view| Candidate {
@@ -112,6 +165,47 @@ async fn route(
             recompute_cost_ms: app.costs.recompute_ms(prompt.saturating_sub(stored as u64)),
         });
     }
+    // Each peer is offered once per tier that holds part of the prompt: its engine slots
+    // (device: it can serve, its KV cannot move) and its store (disk: it can serve, or send its
+    // snapshot). A peer holding nothing is offered once, for its load.
+    let mut peer_of_candidate: Vec<(usize, usize)> = Vec::new();
+    for (number, (option, found)) in peers.iter().zip(matches).enumerate() {
+        let base = Candidate {
+            id: number as u32,
+            kind: CandidateKind::Peer,
+            matched_tokens: 0,
+            resident_tokens: 0,
+            tier: Tier::Remote,
+            in_flight: option.load.busy_slots.min(u64::from(u32::MAX)) as u32,
+            queue_depth: 0,
+            healthy: option.load.engine_ready,
+            transfer_cost_ms: f64::INFINITY,
+            recompute_cost_ms: app.costs.recompute_ms(prompt),
+        };
+        let slot_tokens = (found.slot as u64 * block).min(prompt);
+        let stored_tokens = (found.stored as u64 * block).min(prompt);
+        if slot_tokens > 0 {
+            peer_of_candidate.push((candidates.len(), number));
+            candidates.push(Candidate {
+                matched_tokens: slot_tokens as u32,
+                resident_tokens: slot_tokens as u32,
+                tier: Tier::Device,
+                recompute_cost_ms: app.costs.recompute_ms(prompt - slot_tokens),
+                ..base.clone()
+            });
+        }
+        if stored_tokens > 0 || slot_tokens == 0 {
+            peer_of_candidate.push((candidates.len(), number));
+            candidates.push(Candidate {
+                matched_tokens: stored_tokens as u32,
+                resident_tokens: stored_tokens as u32,
+                tier: Tier::Remote,
+                transfer_cost_ms: if stored_tokens > 0 { app.costs.pull_ms(stored_tokens) } else { f64::INFINITY },
+                recompute_cost_ms: app.costs.recompute_ms(prompt - stored_tokens),
+                ..base
+            });
+        }
+    }
     let task_id = headers.get(TASK_HEADER).and_then(|value| value.to_str().ok()).filter(|text| text.len() <= 256).map(str::to_string);
     let request = RouteRequest {
         namespace: namespace.0.to_hex(),
@@ -121,18 +215,28 @@ async fn route(
         model: parsed.model.clone().unwrap_or_else(|| ready.info.model_id.clone()),
     };
     let plugins = app.plugins.clone();
-    let plan = tokio::task::spawn_blocking(move || plugins.router.route(&request, &candidates))
+    let offered = candidates.clone();
+    let plan = tokio::task::spawn_blocking(move || plugins.router.route(&request, &offered))
         .await
         .map_err(|error| ApiError::internal(format!("router task failed: {error}")))?
         .map_err(|error| ApiError::policy_failed(&error))?;
+    let peer_at = |index: usize| peer_of_candidate.iter().find(|(at, _)| *at == index).map(|(_, number)| *number);
     let serve = plan.choice.serve;
+    if let Some(number) = peer_at(serve) {
+        return Ok(Routed::Forward(number));
+    }
     let slot = views.get(serve).map(|view| view.slot).ok_or_else(|| ApiError::internal(format!("router chose candidate {serve}, which is not a slot")))?;
     let kv = match plan.choice.kv_source {
         None => KvSource::Compute,
         Some(index) if index == serve => KvSource::Slot,
-        Some(_) => KvSource::Store,
+        Some(index) => match peer_at(index) {
+            // KV held only in a peer's engine slot cannot be sent.
+            Some(_) if !candidates[index].transfer_cost_ms.is_finite() => KvSource::Compute,
+            Some(number) => KvSource::Peer(number),
+            None => KvSource::Store,
+        },
     };
-    Ok((slot, kv))
+    Ok(Routed::Local { slot, kv })
 }
 
 /// The cache path's decision for one request.
@@ -147,7 +251,7 @@ struct Plan {
     stored: usize,
 }
 
-async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -> Result<Response<ResponseBody>, ApiError> {
+async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, forwarded: bool) -> Result<Response<ResponseBody>, ApiError> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
 
@@ -180,7 +284,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     if let Some(bad) = tokens.iter().find(|token| **token >= ready.info.n_vocab) {
         return Err(ApiError::invalid_value("prompt", format!("invalid token id {bad} in 'prompt': the model's vocabulary has {} tokens", ready.info.n_vocab)));
     }
-    let namespace = Namespace::new(&ready.info.fingerprint, &tenant, parsed.cache_salt.as_deref());
+    let namespace = Namespace::new(&ready.info.fingerprint, &cache_owner(app, &parts.headers, &tenant)?, parsed.cache_salt.as_deref());
     let block = app.config.prefix.block_tokens.get() as usize;
     let hashes = block_hashes(&namespace, &tokens, block);
     let snapshots_enabled = ready.info.snapshots_disabled.is_none();
@@ -191,9 +295,24 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     // the store. A slot the client pinned with id_slot keeps the built-in rule: restore when the
     // store contains at least snapshot.restore_min_gain more tokens than the slot.
     let min_gain = app.config.snapshot.restore_min_gain as usize;
+    // Peers are candidates unless the request came from one or pins a slot here.
+    let (peers, matches) = if forwarded || parsed.requested_slot.is_some() || !snapshots_enabled { (Vec::new(), Vec::new()) } else { peer_options(app, &hashes) };
     let (slot, kv) = match parsed.requested_slot {
         Some(slot) => (slot, KvSource::Builtin),
-        None => route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored).await?,
+        None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &peers, &matches).await? {
+            Routed::Local { slot, kv } => (slot, kv),
+            Routed::Forward(number) => {
+                let peer = &peers[number].load;
+                match forward_to_peer(app, peer, endpoint, &parts.headers, bytes.clone()).await {
+                    Some(response) => return Ok(response),
+                    // Served here, as the router would have chosen among this node's slots.
+                    None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &[], &[]).await? {
+                        Routed::Local { slot, kv } => (slot, kv),
+                        Routed::Forward(_) => return Err(ApiError::internal("the router chose a peer among none".into())),
+                    },
+                }
+            }
+        },
     };
     let lease = ready.slots.acquire(slot).await.ok_or_else(|| ApiError::internal(format!("slot {slot} vanished")))?;
 
@@ -205,12 +324,26 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint) -
     let restore_wanted = match kv {
         KvSource::Builtin => stored > common + min_gain,
         KvSource::Store => stored > common,
-        KvSource::Slot => false,
+        KvSource::Slot | KvSource::Peer(_) => false,
         KvSource::Compute => {
             reusable = false;
             false
         }
     };
+    if let KvSource::Peer(number) = kv
+        && peers[number].stored_blocks * block > common
+    {
+        let blocks = peers[number].stored_blocks.min(hashes.len());
+        let pulled = restore::from_peer(app, &ready, slot, &peers[number].load, &hashes[..blocks], namespace, &tenant).await;
+        if let Some(restored) = pulled {
+            common = common_prefix(&restored, &tokens);
+            source = CacheSource::Peer;
+            reusable = true;
+        } else {
+            reusable = ready.slots.reusable_by(slot, &namespace);
+            common = if reusable { common_prefix(&ready.slots.tokens(slot), &tokens) } else { 0 };
+        }
+    }
     if let Some(found) = stored_match.filter(|_| restore_wanted) {
         if let Some(restored) = restore::into_slot(app, &ready, slot, found, namespace).await {
             common = common_prefix(&restored, &tokens);
@@ -479,6 +612,56 @@ fn check_model(app: &App, ready: &Ready, requested: Option<&str>) -> Result<(), 
     }
     let names: Vec<String> = known.filter(|name| !name.is_empty()).cloned().collect();
     Err(ApiError::unknown_model(requested, &names))
+}
+
+/// Forwards the request to `peer`. Returns its response when the peer took the request, or None
+/// when the forward failed before any byte reached the client, so the request is served here.
+async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endpoint, headers: &http::HeaderMap, body: Bytes) -> Option<Response<ResponseBody>> {
+    let fleet = app.fleet.as_ref()?;
+    Counters::add(&app.counters.forwards, 1);
+    match crate::peer::forward::send(app, fleet, &peer.url, endpoint, headers, body).await {
+        Ok(response) if crate::peer::forward::deliverable(response.status()) => {
+            let (mut head, body) = response.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            if !head.headers.contains_key(crate::peer::forward::SERVED_BY_HEADER)
+                && let Ok(node) = HeaderValue::from_str(&peer.node_id)
+            {
+                head.headers.insert(crate::peer::forward::SERVED_BY_HEADER, node);
+            }
+            tracing::debug!(peer.url = %peer.url, peer.node_id = %peer.node_id, http.status = head.status.as_u16(), "request forwarded to a peer");
+            Some(Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed()))
+        }
+        Ok(response) => {
+            Counters::add(&app.counters.forwards_failed, 1);
+            tracing::info!(peer.url = %peer.url, http.status = response.status().as_u16(), "peer could not serve a forwarded request; serving it here");
+            None
+        }
+        Err(error) => {
+            Counters::add(&app.counters.forwards_failed, 1);
+            tracing::info!(peer.url = %peer.url, error = %error, "forward to a peer failed; serving the request here");
+            None
+        }
+    }
+}
+
+/// Returns whose cache a request uses: its tenant's own, or a shared namespace it names with
+/// `x-kvsidecar-namespace` that `request.shared_namespaces` lists. Tenant ids are visible ASCII,
+/// so the shared owner, which starts with a NUL byte, never equals a tenant.
+fn cache_owner(app: &App, headers: &http::HeaderMap, tenant: &str) -> Result<String, ApiError> {
+    let mut values = headers.get_all(NAMESPACE_HEADER).iter();
+    let Some(value) = values.next() else { return Ok(tenant.to_string()) };
+    let name = value.to_str().unwrap_or_default();
+    if values.next().is_some() {
+        return Err(ApiError::invalid_value(NAMESPACE_HEADER, format!("header {NAMESPACE_HEADER} appears more than once; send one shared namespace")));
+    }
+    if !app.config.request.shared_namespaces.iter().any(|shared| shared == name) {
+        let listed = if app.config.request.shared_namespaces.is_empty() { "none is configured".to_string() } else { format!("configured: {}", app.config.request.shared_namespaces.join(", ")) };
+        return Err(ApiError::invalid_value(
+            NAMESPACE_HEADER,
+            format!("{NAMESPACE_HEADER} {name:?} is not a shared namespace ({listed}); add it to request.shared_namespaces or drop the header"),
+        ));
+    }
+    Ok(format!("\0shared\0{name}"))
 }
 
 /// Maximum length of a tenant id in the tenant header, in bytes.

@@ -2,7 +2,7 @@
 //! every other request to the engine unchanged.
 
 mod body;
-mod completion;
+pub mod completion;
 mod passthrough;
 
 use std::sync::Arc;

@@ -570,30 +570,46 @@ impl Store {
     /// Writes snapshot `id` to `destination`, verifying its chunk sequence, size and BLAKE3
     /// digest. A snapshot that fails verification is deleted and reported as corrupt.
     pub fn read_into(&self, id: &Digest, destination: &Path) -> Result<SnapshotMeta, StoreError> {
+        let file_error = |source| StoreError::File { path: destination.display().to_string(), source };
+        let read = std::fs::File::create(destination).map_err(file_error).and_then(|file| {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let meta = self.read_chunks(id, |chunk| out.write_all(chunk))?;
+            out.flush().map_err(file_error)?;
+            Ok(meta)
+        });
+        if read.is_err() {
+            let _ = std::fs::remove_file(destination);
+        }
+        read
+    }
+
+    /// Passes the bytes of snapshot `id` to `sink` chunk by chunk, verifying the chunk sequence,
+    /// size and BLAKE3 digest; the last chunk is passed only once the rest verified. A snapshot
+    /// that fails verification is deleted and reported as corrupt. An error of `sink` ends the
+    /// read as `StoreError::File`.
+    pub fn read_chunks(&self, id: &Digest, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> Result<SnapshotMeta, StoreError> {
         let meta = self.meta(id)?.ok_or(StoreError::NotFound(*id))?;
-        match self.copy_verified(&meta, destination) {
+        match self.copy_verified(&meta, &mut sink) {
             Ok(()) => Ok(meta),
             Err(StoreError::Corrupt { id, reason }) => {
-                let _ = std::fs::remove_file(destination);
                 tracing::warn!(snapshot.id = %id, reason = %reason, "stored snapshot failed verification, deleting it");
                 self.corrupt_deleted.fetch_add(1, Ordering::Relaxed);
                 self.delete(&[id])?;
                 Err(StoreError::Corrupt { id, reason })
             }
-            Err(error) => {
-                let _ = std::fs::remove_file(destination);
-                Err(error)
-            }
+            Err(error) => Err(error),
         }
     }
 
-    fn copy_verified(&self, meta: &SnapshotMeta, destination: &Path) -> Result<(), StoreError> {
+    fn copy_verified(&self, meta: &SnapshotMeta, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt { id: meta.id, reason };
-        let file_error = |source| StoreError::File { path: destination.display().to_string(), source };
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(destination).map_err(file_error)?);
+        let sink_error = |source| StoreError::File { path: "snapshot reader".to_string(), source };
         let mut hasher = blake3::Hasher::new();
         let mut expected = 0u32;
         let mut written = 0u64;
+        // Each chunk is held back until the next one is read, so the last one reaches the sink
+        // only after the whole snapshot verified.
+        let mut held: Option<Box<[u8]>> = None;
 
         let start = chunk_key(&meta.id, 0);
         for item in self.db.iterator_cf(self.cf(CHUNKS), IteratorMode::From(&start, Direction::Forward)) {
@@ -608,11 +624,12 @@ impl Store {
                 return Err(corrupt(format!("chunk {expected} is missing")));
             }
             hasher.update(&value);
-            out.write_all(&value).map_err(file_error)?;
             written += value.len() as u64;
             expected += 1;
+            if let Some(previous) = held.replace(value) {
+                sink(&previous).map_err(sink_error)?;
+            }
         }
-        out.flush().map_err(file_error)?;
 
         if expected != meta.chunks {
             return Err(corrupt(format!("found {expected} chunks, metadata says {}", meta.chunks)));
@@ -624,7 +641,15 @@ impl Store {
         if digest != meta.digest {
             return Err(corrupt(format!("BLAKE3 digest {digest} does not match the stored {}", meta.digest)));
         }
+        if let Some(last) = held {
+            sink(&last).map_err(sink_error)?;
+        }
         Ok(())
+    }
+
+    /// Returns the id of a stored snapshot holding block `block`, if any.
+    pub fn holding_block(&self, block: &Digest) -> Result<Option<Digest>, StoreError> {
+        self.find_block(block)
     }
 
     /// Deletes snapshot `id` after a read of its metadata or token list failed, and counts it as
