@@ -72,6 +72,8 @@ pub struct Counters {
     pub pulls_failed: AtomicU64,
     /// Pulls whose bytes did not match the size and BLAKE3 digest the peer announced.
     pub pulls_corrupt: AtomicU64,
+    /// Pulls not made because the estimated transfer took longer than computing the tokens.
+    pub pulls_skipped: AtomicU64,
     /// Pulled bytes, before compression.
     pub pulled_bytes: AtomicU64,
     /// Requests sent to a peer to serve.
@@ -120,6 +122,7 @@ impl Counters {
                 "pulls": get(&self.pulls),
                 "pulls_failed": get(&self.pulls_failed),
                 "pulls_corrupt": get(&self.pulls_corrupt),
+                "pulls_skipped": get(&self.pulls_skipped),
                 "pulled_bytes": get(&self.pulled_bytes),
                 "forwards": get(&self.forwards),
                 "forwards_failed": get(&self.forwards_failed),

@@ -76,8 +76,8 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
     loaded
 }
 
-/// Loads the slot file `name` in the shared slot folder, which holds `tokens`, into `slot`.
-/// Returns the tokens on success; on failure the slot's contents are marked unknown.
+/// Loads the slot file `name` of the shared slot folder, which contains the KV of `tokens`, into
+/// `slot`. Returns the tokens on success. On failure the slot's contents are marked unknown.
 async fn load_file(app: &Arc<App>, ready: &Ready, slot: u32, name: &str, tokens: Vec<u32>, namespace: Namespace) -> Option<Vec<u32>> {
     if !app.engine_unchanged(ready).await {
         return None;
@@ -182,7 +182,16 @@ pub async fn from_peer(app: &Arc<App>, ready: &Arc<Ready>, slot: u32, peer: &Pee
 /// Asks the admission policy whether the store keeps the pulled snapshot at `path`, stores it if
 /// so, and removes the file, all off the request path.
 fn keep_copy(app: Arc<App>, ready: Arc<Ready>, path: PathBuf, id: Digest, namespace: Namespace, tenant: String, tokens: Vec<u32>) {
+    // Copies share the bound on snapshots being stored at once; beyond it the file goes.
+    let Ok(permit) = app.snapshot_permits.clone().try_acquire_owned() else {
+        Counters::add(&app.counters.snapshots_skipped, 1);
+        tokio::spawn(async move {
+            let _ = tokio::fs::remove_file(&path).await;
+        });
+        return;
+    };
     tokio::spawn(async move {
+        let _permit = permit;
         let bytes = tokio::fs::metadata(&path).await.map(|meta| meta.len()).unwrap_or(0);
         let block = app.config.prefix.block_tokens.get();
         let candidate = AdmissionCandidate {

@@ -58,13 +58,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let admin_listener = TcpListener::bind(config.server.admin_listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.server.admin_listen, what: "admin API", flag: "--admin-listen", source })?;
+    let peer_tls = peer::tls::Tls::load(&config.peers).map_err(ServeError::Fleet)?;
     let fleet = match Token::load(&config, std::env::var(peer::TOKEN_VARIABLE).ok()).map_err(ServeError::Fleet)? {
         Some(token) => {
             let identity = Identity::load(&config.store.data_dir).map_err(ServeError::Fleet)?;
             let journal = Arc::new(Journal::new(config.peers.journal_entries as usize));
             store.set_observer(journal.clone());
             let index = FleetIndex::new(config.peers.index_blocks as usize);
-            Some(Arc::new(Fleet::new(identity, token, PeerTable::new(config.peers.dead_after), journal, index)))
+            Some(Arc::new(Fleet::new(identity, token, PeerTable::new(config.peers.dead_after), journal, index, peer_tls.as_ref())))
         }
         None => None,
     };
@@ -98,12 +99,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let access = tokio::spawn(flush_access(store.clone(), stop.clone()));
     let client_app = app.clone();
     let header_timeout = app.config.server.header_timeout;
-    let client = tokio::spawn(accept(client_listener, stop.clone(), header_timeout, move |request| proxy::handle(client_app.clone(), request)));
+    let client = tokio::spawn(accept(client_listener, None, stop.clone(), header_timeout, move |request| proxy::handle(client_app.clone(), request)));
     let admin_app = app.clone();
-    let admin = tokio::spawn(accept(admin_listener, stop.clone(), header_timeout, move |request| admin::handle(admin_app.clone(), request)));
+    let admin = tokio::spawn(accept(admin_listener, None, stop.clone(), header_timeout, move |request| admin::handle(admin_app.clone(), request)));
     let peer_api = peer_listener.map(|listener| {
         let peer_app = app.clone();
-        tokio::spawn(accept(listener, stop.clone(), header_timeout, move |request| peer::handle(peer_app.clone(), request)))
+        let acceptor = peer_tls.as_ref().map(|tls| tls.acceptor.clone());
+        tokio::spawn(accept(listener, acceptor, stop.clone(), header_timeout, move |request| peer::handle(peer_app.clone(), request)))
     });
     let health = tokio::spawn(peer::run_health(app.clone(), stop.clone()));
 
@@ -154,8 +156,9 @@ fn local_addr(listener: &TcpListener) -> String {
     listener.local_addr().map(|addr| addr.to_string()).unwrap_or_default()
 }
 
-/// Accepts connections until `stop` changes, then waits for open connections to finish.
-async fn accept<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, header_timeout: std::time::Duration, handler: F)
+/// Accepts connections until `stop` changes, then waits for open connections to finish. With
+/// `tls`, each connection completes a TLS handshake (within the header timeout) first.
+async fn accept<F, Fut>(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, mut stop: watch::Receiver<bool>, header_timeout: std::time::Duration, handler: F)
 where
     F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = http::Response<ResponseBody>> + Send + 'static,
@@ -188,6 +191,7 @@ where
         // preface), so a connection that sends nothing is closed here.
         let builder = builder.clone();
         let graceful_watch = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
@@ -197,8 +201,21 @@ where
                     return;
                 }
             }
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(error) = graceful_watch.watch(connection).await {
+            let served = match tls {
+                None => graceful_watch.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service)).await,
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(secured)) => graceful_watch.watch(builder.serve_connection_with_upgrades(TokioIo::new(secured), service)).await,
+                    Ok(Err(error)) => {
+                        tracing::info!(client.addr = %peer, error = %error, "TLS handshake with a peer failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(client.addr = %peer, "TLS handshake not finished within the header timeout; closing the connection");
+                        return;
+                    }
+                },
+            };
+            if let Err(error) = served {
                 tracing::debug!(client.addr = %peer, error = %error, "connection ended with an error");
             }
         });

@@ -63,7 +63,7 @@ fn content(reply: &Reply) -> String {
     reply.json()["content"].as_str().expect("completion content").to_string()
 }
 
-/// Waits until `sidecar` sees `snapshots` or more stored snapshots of `owner` in its fleet index.
+/// Waits until the fleet index of `sidecar` lists `snapshots` or more stored snapshots of `owner`.
 async fn wait_index(sidecar: &Sidecar, owner: &str, snapshots: u64) {
     wait_peers(sidecar, 1, Duration::from_secs(10), |peer| peer["node_id"] != owner || peer["index"]["snapshots"].as_u64() >= Some(snapshots)).await;
 }
@@ -81,7 +81,7 @@ async fn computed_on(a: &Sidecar, prompt: &[u32], peers: &[&Sidecar]) -> String 
 }
 
 #[tokio::test]
-async fn prompt_from_a_is_pulled_or_forwarded_with_same_completion() {
+async fn peer_prefix_pulled_or_forwarded() {
     let ws = Workspace::new();
     let engines = [
         Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap(),
@@ -90,7 +90,7 @@ async fn prompt_from_a_is_pulled_or_forwarded_with_same_completion() {
     ];
     let [port_a, port_b, port_c] = free_ports::<3>();
     let a = Sidecar::start(&member(&ws, &engines[0], "a", port_a, &[port_b, port_c], "resident"), &ws.logs()).await.unwrap();
-    // B prefers forwarding to any peer that holds more; C never forwards and pulls instead.
+    // B forwards to any peer with a longer match. C never forwards, so it pulls instead.
     let b = Sidecar::start(&member(&ws, &engines[1], "b", port_b, &[port_a, port_c], "always"), &ws.logs()).await.unwrap();
     let c = Sidecar::start(&member(&ws, &engines[2], "c", port_c, &[port_a, port_b], "never"), &ws.logs()).await.unwrap();
     for node in [&a, &b, &c] {
@@ -258,8 +258,8 @@ async fn engine_restart_stops_slot_routing_to_it() {
         assert!(Instant::now() < deadline, "A's engine not ready again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // B no longer sees A's slot holding the prompt, so it does not forward it there as a slot
-    // hit: it pulls A's stored snapshot or computes here.
+    // B's index no longer lists the prompt in A's slot, so B does not forward it there as a slot
+    // hit. It pulls A's stored snapshot or computes the prompt itself.
     wait_peers(&b, 1, Duration::from_secs(5), |peer| peer["alive"] == true && peer["engine_ready"] == true).await;
     let reply = complete(&b, &prompt, "default").await;
     assert_eq!(reply.header("x-kvsidecar-served-by"), Some(node_id(&b).await.as_str()));
@@ -267,7 +267,7 @@ async fn engine_restart_stops_slot_routing_to_it() {
 }
 
 #[tokio::test]
-async fn tenant_prompt_never_hits_for_other_tenant_on_any_node() {
+async fn other_tenant_misses_on_every_node() {
     let ws = Workspace::new();
     let engines = [
         Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap(),
@@ -325,7 +325,7 @@ async fn tenant_prompt_never_hits_for_other_tenant_on_any_node() {
     assert_eq!(first.status, 200);
     a.wait_stats(Duration::from_secs(30), |s| s["requests"]["snapshots_saved"].as_u64() >= Some(2)).await;
     wait_index(&c, &id_a, 2).await;
-    // C forwards to A, whose slot holds the shared prefix.
+    // C forwards to A, whose slot contains the shared prefix.
     let reuse = post(&c, "tenant-y").await;
     assert_eq!(reuse.status, 200);
     assert_eq!(reuse.header("x-kvsidecar-served-by"), Some(id_a.as_str()), "{:?}", reuse.headers);
@@ -333,4 +333,75 @@ async fn tenant_prompt_never_hits_for_other_tenant_on_any_node() {
     let unknown = kvsidecar_tests::send(http::Method::POST, &format!("{}/completion", b.url), bytes::Bytes::from(body.to_string()), &[("x-kvsidecar-namespace", "other")]).await.unwrap();
     assert_eq!(unknown.status, 400);
     assert!(String::from_utf8_lossy(&unknown.body).contains("request.shared_namespaces"));
+}
+
+/// Writes a CA and one certificate it signed for 127.0.0.1 into `dir`. The certificate serves as
+/// both server and client certificate. Returns the paths of the certificate, its key and the CA.
+fn fleet_certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names, so that OpenSSL (curl) does not take the node certificate for self-signed.
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "kvsidecar test fleet CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let node_key = rcgen::KeyPair::generate().unwrap();
+    let mut node_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    node_params.distinguished_name.push(rcgen::DnType::CommonName, "kvsidecar test node");
+    node_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let node = node_params.signed_by(&node_key, &ca, &ca_key).unwrap();
+    let paths = [dir.join("node.pem"), dir.join("node.key"), dir.join("ca.pem")];
+    std::fs::write(&paths[0], node.pem()).unwrap();
+    std::fs::write(&paths[1], node_key.serialize_pem()).unwrap();
+    std::fs::write(&paths[2], ca.pem()).unwrap();
+    paths
+}
+
+/// Runs curl against the peer API at `url` with `args`; returns its exit code and output.
+fn curl(url: &str, args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new("curl").args(["-sS", "--max-time", "5"]).args(args).arg(url).output().expect("curl runs");
+    (output.status.code(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+}
+
+#[tokio::test]
+async fn mutual_tls_fleet_pulls_and_rejects_strangers() {
+    let ws = Workspace::new();
+    let [cert, key, ca] = fleet_certificates(&ws.path("tls"));
+    let engines = [Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap(), Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap()];
+    let [port_a, port_b] = free_ports::<2>();
+    let tls = |spec: &mut SidecarSpec, peer: u16| {
+        spec.env.extend([
+            ("KVSIDECAR_PEERS_URLS".to_string(), format!("https://127.0.0.1:{peer}")),
+            ("KVSIDECAR_PEERS_TLS_CERT_FILE".to_string(), cert.display().to_string()),
+            ("KVSIDECAR_PEERS_TLS_KEY_FILE".to_string(), key.display().to_string()),
+            ("KVSIDECAR_PEERS_TLS_CA_FILE".to_string(), ca.display().to_string()),
+        ]);
+    };
+    let mut spec_a = member(&ws, &engines[0], "a", port_a, &[], "never");
+    tls(&mut spec_a, port_b);
+    let mut spec_b = member(&ws, &engines[1], "b", port_b, &[], "never");
+    tls(&mut spec_b, port_a);
+    let a = Sidecar::start(&spec_a, &ws.logs()).await.unwrap();
+    let b = Sidecar::start(&spec_b, &ws.logs()).await.unwrap();
+    wait_peers(&a, 1, Duration::from_secs(10), |peer| peer["alive"] == true).await;
+    wait_peers(&b, 1, Duration::from_secs(10), |peer| peer["alive"] == true).await;
+
+    // Snapshots move between the sidecars over mutual TLS.
+    let prompt = kvsidecar_tests::tokens(7601, PROMPT_TOKENS);
+    let expected = computed_on(&a, &prompt, &[&b]).await;
+    let pulled = complete(&b, &prompt, "default").await;
+    assert_eq!(pulled.cache_source(), "peer", "{:?}", pulled.headers);
+    assert_eq!(content(&pulled), expected);
+
+    // With the fleet's certificate and token, curl reads the peer API. Without a client
+    // certificate the handshake fails, and plain HTTP gets no response.
+    let url = format!("https://127.0.0.1:{port_a}/peer/v1/info");
+    let bearer = format!("authorization: Bearer {TOKEN}");
+    let (code, output) = curl(&url, &["--cacert", &ca.display().to_string(), "--cert", &cert.display().to_string(), "--key", &key.display().to_string(), "-H", &bearer]);
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("node_id"), "{output}");
+    let (code, output) = curl(&url, &["--cacert", &ca.display().to_string(), "-H", &bearer]);
+    assert_ne!(code, Some(0), "{output}");
+    assert!(!output.contains("node_id"), "{output}");
+    let plain = kvsidecar_tests::send(http::Method::GET, &format!("http://127.0.0.1:{port_a}/peer/v1/info"), bytes::Bytes::new(), &[("authorization", bearer.trim_start_matches("authorization: "))]).await;
+    assert!(plain.is_err() || plain.as_ref().is_ok_and(|reply| reply.status != 200), "{plain:?}");
 }

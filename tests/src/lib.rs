@@ -443,12 +443,12 @@ impl Default for Workspace {
     }
 }
 
-/// What a `FaultProxy` does to the answer of a snapshot request.
+/// Damage a `FaultProxy` does to the response of a snapshot request.
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
-    /// Forwards this many bytes of the answer, then holds the rest back.
+    /// Forwards this many bytes of the response, then holds the rest back.
     StallAfter(usize),
-    /// Inverts the byte at this offset of the answer.
+    /// Inverts the byte at this offset of the response.
     FlipAt(usize),
 }
 

@@ -1,6 +1,6 @@
-//! Peer pull throughput: a snapshot stored in a real sidecar's RocksDB store, pulled over its
-//! authenticated peer API on loopback by the same code a pulling sidecar runs (stream, decode,
-//! hash, write, verify), against the loopback TCP ceiling measured in the same run.
+//! Peer pull throughput. A snapshot stored in a real sidecar's RocksDB store is pulled over its
+//! authenticated peer API on loopback by the code a pulling sidecar runs (stream, decode, hash,
+//! write, verify). The loopback TCP ceiling is measured in the same run.
 //!
 //! The snapshot is synthetic KV: f16 values drawn from a narrow bell curve, as attention keys
 //! and values are, so zstd finds about as much to compress as in a real slot file.
@@ -141,7 +141,7 @@ async fn pull_median(work: &Path, data_dir: &Path, compression: &str, level: u32
     let client_dir = work.join("client");
     let identity = Identity::load(&client_dir).map_err(anyhow::Error::msg)?;
     let token = Token::load(&settings, Some(TOKEN.to_string())).map_err(anyhow::Error::msg)?.context("no token")?;
-    let fleet = Fleet::new(identity, token, PeerTable::new(Duration::from_secs(2)), Arc::new(Journal::new(16)), FleetIndex::new(16));
+    let fleet = Fleet::new(identity, token, PeerTable::new(Duration::from_secs(2)), Arc::new(Journal::new(16)), FleetIndex::new(16), None);
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while fleet.get(&url, "/peer/v1/info").await.is_err() {

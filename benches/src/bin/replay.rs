@@ -61,7 +61,7 @@ struct Record {
     /// Position of the target the request was sent to.
     #[serde(default)]
     target: usize,
-    /// The node that served it (`x-kvsidecar-served-by`), when a sidecar answered.
+    /// The node that served it (`x-kvsidecar-served-by`), when a sidecar responded.
     #[serde(default)]
     served_by: Option<String>,
     ttft_ms: f64,
@@ -180,7 +180,7 @@ fn print_totals(run: &Run) {
     }
 }
 
-/// Counts requests served by another node than the one that usually answers their target.
+/// Counts requests served by another node than the one that usually serves their target.
 fn forwarded(run: &Run) -> usize {
     let mut usual: std::collections::BTreeMap<usize, std::collections::BTreeMap<&str, usize>> = std::collections::BTreeMap::new();
     for record in &run.records {

@@ -68,7 +68,7 @@ impl Router for PrefixAffinity {
         let best_slot_match = locals.iter().map(|&index| candidates[index].matched_tokens).max().unwrap_or(0);
         let store_match = candidates.iter().filter(|candidate| candidate.kind == CandidateKind::LocalStore && candidate.healthy).map(|candidate| candidate.matched_tokens).max().unwrap_or(0);
 
-        // A peer that holds clearly more than this node, and is not overloaded.
+        // A peer with a match longer than this node's by the minimum gain, and not overloaded.
         let here = best_slot_match.max(store_match);
         let forward_to = candidates
             .iter()

@@ -282,6 +282,10 @@ impl Sources {
             zstd_level: r.get("peers.zstd_level", 3),
             transfer_timeout: r.get("peers.transfer_timeout", Duration::from_secs(30)),
             forward_timeout: r.get("peers.forward_timeout", Duration::from_secs(10)),
+            tls_cert_file: r.get("peers.tls_cert_file", Optional::<PathBuf>(None)).0,
+            tls_key_file: r.get("peers.tls_key_file", Optional::<PathBuf>(None)).0,
+            tls_ca_file: r.get("peers.tls_ca_file", Optional::<PathBuf>(None)).0,
+            tls_server_name: r.get("peers.tls_server_name", Optional::<String>(None)).0,
         };
         let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers };
 
@@ -356,10 +360,21 @@ impl Sources {
         if config.plugins.memory_limit.as_u64() < 4 << 20 || config.plugins.memory_limit.as_u64() > 4 << 30 {
             fail(self, "plugins.memory_limit", config.plugins.memory_limit.to_string(), "must be between 4 MiB and 4 GiB");
         }
+        let tls_files = [&config.peers.tls_cert_file, &config.peers.tls_key_file, &config.peers.tls_ca_file];
+        let tls_set = tls_files.iter().filter(|file| file.is_some()).count();
+        if tls_set != 0 && tls_set != 3 {
+            fail(self, "peers.tls_cert_file", format!("{tls_set} of 3 set"), "set peers.tls_cert_file, peers.tls_key_file and peers.tls_ca_file together for mutual TLS, or none of them");
+        }
+        let scheme = config.peers.scheme();
         for url in &config.peers.urls {
-            let valid = url.parse::<http::Uri>().is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
+            let valid = url.parse::<http::Uri>().is_ok_and(|uri| uri.scheme_str() == Some(scheme) && uri.host().is_some());
             if !valid {
-                fail(self, "peers.urls", format!("{url:?}"), "each peer must be an http:// URL of its peer API, such as http://10.0.0.7:9100");
+                let rule = if scheme == "https" {
+                    "with mutual TLS (peers.tls_*), each peer must be an https:// URL of its peer API, such as https://10.0.0.7:9100"
+                } else {
+                    "each peer must be an http:// URL of its peer API, such as http://10.0.0.7:9100; https:// needs peers.tls_cert_file, peers.tls_key_file and peers.tls_ca_file"
+                };
+                fail(self, "peers.urls", format!("{url:?}"), rule);
             }
         }
         if let Some(dns) = &config.peers.dns

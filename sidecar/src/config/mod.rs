@@ -58,6 +58,13 @@ pub struct PeersConfig {
     pub transfer_timeout: Duration,
     /// Longest wait for a peer's response head to a forwarded request; a slower one is served here.
     pub forward_timeout: Duration,
+    /// Mutual TLS: this sidecar's certificate chain and key (PEM), and the CA (PEM) that signed
+    /// every sidecar's certificate. All three or none; with them, peer URLs are https://.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name that peers' certificates are checked against, instead of the host of each peer URL.
+    pub tls_server_name: Option<String>,
 }
 
 /// Encoding of snapshot transfers between peers.
@@ -80,6 +87,11 @@ impl Compression {
 
 impl PeersConfig {
     /// Returns whether this sidecar is part of a fleet.
+    /// Returns the scheme of peer URLs: https with mutual TLS, http without.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_cert_file.is_some() { "https" } else { "http" }
+    }
+
     pub fn enabled(&self) -> bool {
         self.listen.is_some() || !self.urls.is_empty() || self.dns.is_some()
     }

@@ -136,6 +136,10 @@ impl Config {
             ("zstd_level", Value::Integer(i64::from(self.peers.zstd_level))),
             ("transfer_timeout", duration(self.peers.transfer_timeout)),
             ("forward_timeout", duration(self.peers.forward_timeout)),
+            ("tls_cert_file", optional(self.peers.tls_cert_file.as_ref().map(|path| path.display().to_string()))),
+            ("tls_key_file", optional(self.peers.tls_key_file.as_ref().map(|path| path.display().to_string()))),
+            ("tls_ca_file", optional(self.peers.tls_ca_file.as_ref().map(|path| path.display().to_string()))),
+            ("tls_server_name", optional(self.peers.tls_server_name.clone())),
         ]));
         toml::to_string(&root).unwrap_or_default()
     }

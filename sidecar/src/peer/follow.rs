@@ -41,7 +41,9 @@ pub async fn follow(app: Arc<App>, url: String) {
         let (generation, since) = fleet.index.position(&url).unwrap_or_default();
         let path = format!("/peer/v1/index?since={since}&generation={generation}&wait_ms={}", WAIT.as_millis());
         let answer = fleet.get_json::<IndexResponse>(&url, &path, MAX_INDEX_BYTES, WAIT * 2).await;
-        if let Ok(IndexResponse { info: Some(info), .. }) = &answer {
+        if let Ok(IndexResponse { info: Some(info), .. }) = &answer
+            && info["node_id"].as_str() != Some(fleet.identity.node_id.as_str())
+        {
             fleet.peers.record_ok(&url, info);
         }
         match answer {

@@ -1,7 +1,7 @@
-//! Forwarding a completion request to a peer whose engine holds its prefix. The request goes to
-//! the peer API (`POST /peer/v1/forward/v1/chat/completions`, ...), authenticated with the fleet's
-//! token and marked with the forwarding node's id; the peer serves it on its own engine and never
-//! forwards it again. The peer's response streams back to the client unchanged.
+//! Forwarding a completion request to a peer whose engine contains its prefix. The request goes
+//! to the peer API (`POST /peer/v1/forward/v1/chat/completions`, ...), authenticated with the
+//! fleet's token and marked with the forwarding node's id. The peer serves it on its own engine
+//! and never forwards it again, and its response streams back to the client unchanged.
 
 use std::sync::Arc;
 
@@ -22,6 +22,11 @@ pub const PATH_PREFIX: &str = "/peer/v1/forward/";
 /// Request header on a forwarded request: the node id of the sidecar that forwarded it.
 pub const HOP_HEADER: &str = "x-kvsidecar-forwarded-by";
 
+/// Request header on a forwarded request: the tenant the forwarding node resolved. The peer uses
+/// it instead of reading the tenant header under its own `request.tenant_header` setting, so a
+/// fleet whose members name that header differently still keeps tenants apart.
+pub const TENANT_HEADER: &str = "x-kvsidecar-forwarded-tenant";
+
 /// Response header: the node id of the sidecar whose engine served the request.
 pub const SERVED_BY_HEADER: &str = "x-kvsidecar-served-by";
 
@@ -35,10 +40,10 @@ pub async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Respon
     crate::proxy::completion::handle_forwarded(app, request, endpoint).await
 }
 
-/// Client headers a forwarded request keeps: those the completion path reads.
-fn kept_headers(app: &App, from: &HeaderMap, into: &mut HeaderMap) {
+/// Client headers a forwarded request keeps: those the completion path reads, except the tenant
+/// header, which `TENANT_HEADER` replaces.
+fn kept_headers(from: &HeaderMap, into: &mut HeaderMap) {
     let names = [
-        app.config.request.tenant_header.as_str(),
         crate::proxy::completion::TASK_HEADER,
         crate::proxy::completion::NAMESPACE_HEADER,
         "traceparent",
@@ -54,7 +59,7 @@ fn kept_headers(app: &App, from: &HeaderMap, into: &mut HeaderMap) {
 
 /// Sends the request body `body` for `endpoint` to the peer at `url`, and returns the peer's
 /// response once its head arrived within `peers.forward_timeout`.
-pub async fn send(app: &App, fleet: &Fleet, url: &str, endpoint: Endpoint, headers: &HeaderMap, body: Bytes) -> Result<Response<Incoming>, String> {
+pub async fn send(app: &App, fleet: &Fleet, url: &str, endpoint: Endpoint, headers: &HeaderMap, tenant: &str, body: Bytes) -> Result<Response<Incoming>, String> {
     let path = match endpoint {
         Endpoint::ChatCompletions => "v1/chat/completions",
         Endpoint::Completions => "v1/completions",
@@ -64,16 +69,17 @@ pub async fn send(app: &App, fleet: &Fleet, url: &str, endpoint: Endpoint, heade
         .header(http::header::AUTHORIZATION, fleet.token.header())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(HOP_HEADER, fleet.identity.node_id.as_str())
+        .header(TENANT_HEADER, tenant)
         .body(full_body(body))
         .map_err(|error| format!("invalid peer URL {url}: {error}"))?;
-    kept_headers(app, headers, request.headers_mut());
+    kept_headers(headers, request.headers_mut());
     let within = app.config.peers.forward_timeout;
     tokio::time::timeout(within, fleet.send(request)).await.map_err(|_| format!("no response head within {}", humantime::format_duration(within)))?
 }
 
-/// Returns whether a peer's answer to a forwarded request should reach the client. Answers that
-/// say the peer could not serve (not ready, overloaded, unauthorised, gone) are retried here.
+/// Returns whether a peer's response to a forwarded request should reach the client. This node
+/// already accepted the request, so any error status means the peer could not serve it (not
+/// ready, overloaded, configured differently), and the request is served here instead.
 pub fn deliverable(status: StatusCode) -> bool {
-    !(status.is_server_error()
-        || matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND | StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS))
+    status.is_success()
 }

@@ -20,6 +20,8 @@ struct PeerState {
     node_id: Option<String>,
     generation: Option<String>,
     engine_ready: bool,
+    /// Model fingerprint (hex) of the peer's engine.
+    fingerprint: Option<String>,
     slots: u64,
     busy_slots: u64,
     snapshots: u64,
@@ -31,12 +33,14 @@ struct PeerState {
     reported_dead: bool,
 }
 
-/// A live peer and its load, as routing sees it.
+/// A live peer and its load, as routing uses them.
 #[derive(Debug, Clone)]
 pub struct PeerLoad {
     pub url: String,
     pub node_id: String,
     pub engine_ready: bool,
+    /// Model fingerprint (hex) of the peer's engine; None while it is not ready.
+    pub fingerprint: Option<String>,
     pub slots: u64,
     pub busy_slots: u64,
 }
@@ -87,7 +91,14 @@ impl PeerTable {
             .iter()
             .filter(|(_, peer)| peer.last_ok.is_some_and(|at| at.elapsed() < self.dead_after))
             .filter_map(|(url, peer)| {
-                Some(PeerLoad { url: url.clone(), node_id: peer.node_id.clone()?, engine_ready: peer.engine_ready, slots: peer.slots, busy_slots: peer.busy_slots })
+                Some(PeerLoad {
+                    url: url.clone(),
+                    node_id: peer.node_id.clone()?,
+                    engine_ready: peer.engine_ready,
+                    fingerprint: peer.fingerprint.clone(),
+                    slots: peer.slots,
+                    busy_slots: peer.busy_slots,
+                })
             })
             .collect()
     }
@@ -114,6 +125,7 @@ impl PeerTable {
         peer.node_id = info["node_id"].as_str().map(str::to_string);
         peer.generation = generation;
         peer.engine_ready = info["engine_ready"].as_bool().unwrap_or(false);
+        peer.fingerprint = info["fingerprint"].as_str().map(str::to_string);
         peer.slots = info["slots"].as_u64().unwrap_or(0);
         peer.busy_slots = info["busy_slots"].as_u64().unwrap_or(0);
         peer.snapshots = info["snapshots"].as_u64().unwrap_or(0);
@@ -164,7 +176,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         if let Some(dns) = config.dns.as_deref().filter(|_| Instant::now() >= next_resolve) {
             next_resolve = Instant::now() + config.dns_interval;
             match tokio::net::lookup_host(dns).await {
-                Ok(addresses) => resolved = addresses.map(|address| format!("http://{address}")).collect(),
+                Ok(addresses) => resolved = addresses.map(|address| format!("{}://{address}", config.scheme())).collect(),
                 Err(error) => tracing::warn!(peers.dns = %dns, error = %error, "failed to resolve the peer name; keeping the last addresses"),
             }
         }

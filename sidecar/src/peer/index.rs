@@ -14,6 +14,8 @@ use crate::prefix::Digest;
 /// One snapshot as a peer announced it.
 struct Entry {
     blocks: Vec<Digest>,
+    /// Insertion number, matched against `PeerView::order` to skip its stale items.
+    inserted: u64,
 }
 
 /// One peer's part of the index.
@@ -24,8 +26,10 @@ struct PeerView {
     snapshots: HashMap<Digest, Entry>,
     /// Snapshots per block hash (chained hashes make prefixes distinct).
     blocks: HashMap<Digest, u32>,
-    /// Snapshot ids, oldest first, for the memory bound.
-    order: VecDeque<Digest>,
+    /// Snapshot ids with their insertion numbers, oldest first, for the memory bound. An item
+    /// whose number differs from the entry's is stale: the snapshot left or came again since.
+    order: VecDeque<(Digest, u64)>,
+    inserted: u64,
     dropped: u64,
     /// Chained block hashes of the KV each engine slot holds.
     slots: HashMap<u32, Vec<Digest>>,
@@ -49,13 +53,19 @@ impl PeerView {
         for block in &blocks {
             *self.blocks.entry(*block).or_default() += 1;
         }
-        self.snapshots.insert(id, Entry { blocks });
-        self.order.push_back(id);
+        self.inserted += 1;
+        self.snapshots.insert(id, Entry { blocks, inserted: self.inserted });
+        self.order.push_back((id, self.inserted));
         while self.blocks.len() > max_blocks {
-            let Some(oldest) = self.order.pop_front() else { break };
-            if self.remove(&oldest) {
+            let Some((oldest, inserted)) = self.order.pop_front() else { break };
+            if self.snapshots.get(&oldest).is_some_and(|entry| entry.inserted == inserted) && self.remove(&oldest) {
                 self.dropped += 1;
             }
+        }
+        // Stale items pile up when snapshots come and go below the bound; drop them.
+        if self.order.len() > 2 * self.snapshots.len() + 64 {
+            let snapshots = &self.snapshots;
+            self.order.retain(|(id, inserted)| snapshots.get(id).is_some_and(|entry| entry.inserted == *inserted));
         }
     }
 
@@ -69,7 +79,7 @@ impl PeerView {
                 }
             }
         }
-        // The id stays in `order` until it reaches the front; removing it there is a no-op.
+        // Its item in `order` becomes stale and is skipped or dropped later.
         true
     }
 
@@ -81,7 +91,10 @@ impl PeerView {
         if self.slots.len() >= MAX_SLOTS && !self.slots.contains_key(&slot) {
             return;
         }
-        let parsed: Option<Vec<Digest>> = blocks.iter().take(max_blocks).map(|block| Digest::from_hex(block)).collect();
+        // All slots together keep at most `max_blocks` hashes; a slot beyond that keeps a prefix.
+        let others: usize = self.slots.iter().filter(|(other, _)| **other != slot).map(|(_, blocks)| blocks.len()).sum();
+        let room = max_blocks.saturating_sub(others);
+        let parsed: Option<Vec<Digest>> = blocks.iter().take(room).map(|block| Digest::from_hex(block)).collect();
         match parsed {
             Some(parsed) => self.slots.insert(slot, parsed),
             None => self.slots.remove(&slot),
@@ -163,7 +176,7 @@ impl FleetIndex {
         self.matches(peer, hashes).stored
     }
 
-    /// Returns the longest prefix of `hashes` that `peer` holds in its store and in its slots.
+    /// Returns the longest prefix of `hashes` that `peer` stores, and the longest in its slots.
     pub fn matches(&self, peer: &str, hashes: &[Digest]) -> PeerMatch {
         let peers = self.lock();
         let Some(view) = peers.get(peer) else { return PeerMatch::default() };

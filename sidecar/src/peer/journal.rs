@@ -21,7 +21,7 @@ pub enum IndexEvent {
     /// Engine slot `slot` now holds the KV of these chained blocks; none when its contents are
     /// unknown or reusable by no request.
     Slot { slot: u32, blocks: Vec<String> },
-    /// The engine stopped or restarted: no slot holds reusable KV.
+    /// The engine stopped or restarted, so no slot contains reusable KV.
     SlotsCleared,
 }
 

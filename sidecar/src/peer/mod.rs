@@ -10,6 +10,7 @@ mod follow;
 mod health;
 pub mod index;
 pub mod journal;
+pub mod tls;
 pub mod transfer;
 
 use std::path::Path;
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -174,6 +176,7 @@ pub fn info(app: &App) -> serde_json::Value {
         "node_id": fleet.map(|fleet| fleet.identity.node_id.clone()),
         "generation": fleet.map(|fleet| fleet.identity.generation(engine_generation)),
         "engine_ready": ready.is_some(),
+        "fingerprint": ready.as_ref().map(|ready| ready.info.fingerprint.to_hex()),
         "slots": ready.as_ref().map(|ready| ready.slots.len()).unwrap_or(0),
         "busy_slots": ready.as_ref().map(|ready| ready.slots.busy_count()).unwrap_or(0),
         "snapshots": app.store.len(),
@@ -190,12 +193,14 @@ pub struct Fleet {
     pub journal: Arc<Journal>,
     pub index: FleetIndex,
     /// One connection pool for health checks, index followers, transfers and forwards.
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
 }
 
 impl Fleet {
-    pub fn new(identity: Identity, token: Token, peers: PeerTable, journal: Arc<Journal>, index: FleetIndex) -> Fleet {
-        Fleet { identity, token, peers, journal, index, client: Client::builder(TokioExecutor::new()).build_http() }
+    /// Returns the fleet state; `tls` makes peer requests use mutual TLS.
+    pub fn new(identity: Identity, token: Token, peers: PeerTable, journal: Arc<Journal>, index: FleetIndex, tls: Option<&tls::Tls>) -> Fleet {
+        let client = Client::builder(TokioExecutor::new()).build(tls::connector(tls));
+        Fleet { identity, token, peers, journal, index, client }
     }
 
     /// Sends `GET path` (with its query) to the peer API at `url` with the fleet's token, and

@@ -1,6 +1,6 @@
-//! Snapshot transfer between sidecars. A peer asks for the stored snapshot that holds a block of
-//! its request's prefix; the answer streams the snapshot's bytes, verified chunk by chunk as they
-//! leave the store and compressed with zstd unless `peers.compression = "none"`. The puller
+//! Snapshot transfer between sidecars. A peer requests the stored snapshot that contains a block
+//! of its request's prefix. The response streams the snapshot's bytes, verified chunk by chunk as
+//! they leave the store, and compressed with zstd unless `peers.compression = "none"`. The puller
 //! writes the bytes to a file while hashing them, and uses the file only when its size and BLAKE3
 //! digest equal what the sender announced.
 
@@ -33,8 +33,8 @@ pub const DIGEST_HEADER: &str = "x-kvsidecar-snapshot-digest";
 /// Frames buffered between the store reader and the connection.
 const PIPE_FRAMES: usize = 8;
 
-/// Serves `GET /peer/v1/snapshot?namespace=HEX&block=HEX`: the stored snapshot of `namespace`
-/// that holds `block`.
+/// Serves `GET /peer/v1/snapshot?namespace=HEX&block=HEX`, which streams the stored snapshot of
+/// `namespace` that contains `block`.
 pub async fn serve(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody> {
     let mut namespace = None;
     let mut block = None;
@@ -64,17 +64,19 @@ pub async fn serve(app: &Arc<App>, query: Option<&str>) -> Response<ResponseBody
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(PIPE_FRAMES);
     let compression = app.config.peers.compression;
     let level = app.config.peers.zstd_level;
+    let stall_limit = app.config.peers.transfer_timeout;
     let store = app.store.clone();
     let id = meta.id;
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let failed = sender.clone();
-        let pipe = Pipe { sender, buffer: Vec::with_capacity(PIPE_CHUNK) };
+        let pipe = Pipe { sender, buffer: Vec::with_capacity(PIPE_CHUNK), runtime, stall_limit };
         let sent = match compression {
             Compression::None => send_plain(&store, &id, pipe),
             Compression::Zstd => send_zstd(&store, &id, pipe, level as i32),
         };
         if let Err(failure) = sent {
-            // A store failure ends the body with an error, so the puller sees a broken transfer
+            // A store failure ends the body with an error, so the puller gets a broken transfer
             // rather than a short one that ends cleanly.
             tracing::warn!(snapshot.id = %id, error = %failure, "snapshot transfer to a peer failed");
             let _ = failed.blocking_send(Err(failure.to_string().into()));
@@ -115,10 +117,14 @@ fn send_zstd(store: &crate::store::Store, id: &Digest, pipe: Pipe, level: i32) -
 /// Bytes per frame sent to the connection.
 const PIPE_CHUNK: usize = 256 << 10;
 
-/// A blocking writer that hands full buffers to the response body.
+/// A blocking writer that hands full buffers to the response body. A puller that takes no frame
+/// for `stall_limit` ends the transfer, so a hung connection does not pin a blocking thread and
+/// a store iterator.
 struct Pipe {
     sender: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
     buffer: Vec<u8>,
+    runtime: tokio::runtime::Handle,
+    stall_limit: Duration,
 }
 
 impl Write for Pipe {
@@ -135,11 +141,16 @@ impl Write for Pipe {
             return Ok(());
         }
         let frame = Frame::data(Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(PIPE_CHUNK))));
-        self.sender.blocking_send(Ok(frame)).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the peer closed the connection"))
+        let sent = self.runtime.block_on(tokio::time::timeout(self.stall_limit, self.sender.send(Ok(frame))));
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the peer closed the connection")),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer took no data for peers.transfer_timeout")),
+        }
     }
 }
 
-/// Why a pull did not give a usable file.
+/// Failure of a pull.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     /// The peer no longer stores a matching snapshot.
@@ -161,16 +172,14 @@ pub struct Pulled {
     pub elapsed: Duration,
 }
 
-/// Pulls the snapshot of `namespace` that holds `block` from the peer at `url` into `path`,
+/// Pulls the snapshot of `namespace` that contains `block` from the peer at `url` into `path`,
 /// within `within`. The file is removed again unless the pull verified.
 pub async fn pull(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest, path: &Path, max_bytes: u64, within: Duration) -> Result<Pulled, PullError> {
     let started = Instant::now();
-    let outcome = tokio::time::timeout(within, pull_into(fleet, url, namespace, block, path.to_path_buf(), max_bytes)).await;
-    let result = match outcome {
-        Ok(result) => result,
-        Err(_) => Err(PullError::Failed(format!("no complete transfer within {}", humantime::format_duration(within)))),
-    };
-    match result {
+    let deadline = tokio::time::Instant::now() + within;
+    // The deadline applies inside, so the file writer has always finished when this returns and
+    // a failed pull's file is removed after its last write.
+    match pull_into(fleet, url, namespace, block, path.to_path_buf(), max_bytes, deadline, within).await {
         Ok((id, bytes)) => Ok(Pulled { id, bytes, elapsed: started.elapsed() }),
         Err(failure) => {
             let _ = tokio::fs::remove_file(path).await;
@@ -179,8 +188,11 @@ pub async fn pull(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest, 
     }
 }
 
-async fn pull_into(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest, path: PathBuf, max_bytes: u64) -> Result<(Digest, u64), PullError> {
-    let response = fleet.get(url, &format!("/peer/v1/snapshot?namespace={namespace}&block={block}")).await.map_err(PullError::Failed)?;
+#[allow(clippy::too_many_arguments)]
+async fn pull_into(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest, path: PathBuf, max_bytes: u64, deadline: tokio::time::Instant, within: Duration) -> Result<(Digest, u64), PullError> {
+    let timed_out = || format!("no complete transfer within {}", humantime::format_duration(within));
+    let path_and_query = format!("/peer/v1/snapshot?namespace={namespace}&block={block}");
+    let response = tokio::time::timeout_at(deadline, fleet.get(url, &path_and_query)).await.map_err(|_| PullError::Failed(timed_out()))?.map_err(PullError::Failed)?;
     let status = response.status();
     if status == StatusCode::NOT_FOUND {
         return Err(PullError::Gone);
@@ -205,6 +217,9 @@ async fn pull_into(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest,
             }
             Compression::Zstd => {
                 let mut decoder = zstd::stream::write::Decoder::new(sink).map_err(|error| PullError::Failed(error.to_string()))?;
+                // Levels 1 to 19 use windows of at most 8 MiB (2^23), so a frame asking for more
+                // comes from no sidecar and is refused before its window is allocated.
+                decoder.window_log_max(23).map_err(|error| PullError::Failed(error.to_string()))?;
                 while let Some(bytes) = receiver.blocking_recv() {
                     decoder.write_all(&bytes).map_err(corrupt)?;
                 }
@@ -216,23 +231,23 @@ async fn pull_into(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest,
     });
 
     let mut body = response.into_body();
-    let mut broken = None;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data()
-                    && sender.send(data).await.is_err()
-                {
-                    // The writer stopped: its own error says why.
-                    break;
+    let receive = async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data()
+                        && sender.send(data).await.is_err()
+                    {
+                        // The writer stopped, and its own error gives the reason.
+                        return None;
+                    }
                 }
-            }
-            Err(error) => {
-                broken = Some(format!("the transfer broke off: {error}"));
-                break;
+                Err(error) => return Some(format!("the transfer broke off: {error}")),
             }
         }
-    }
+        None
+    };
+    let broken = tokio::time::timeout_at(deadline, receive).await.unwrap_or_else(|_| Some(timed_out()));
     drop(sender);
     let written = writer.await.map_err(|error| PullError::Failed(error.to_string()))?;
     if let Some(reason) = broken {
@@ -248,7 +263,7 @@ async fn pull_into(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest,
     Ok((announced.id, bytes))
 }
 
-/// What the sender announced in its response headers.
+/// Snapshot id, size, digest and encoding from the sender's response headers.
 struct Announced {
     id: Digest,
     bytes: u64,

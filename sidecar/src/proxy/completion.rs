@@ -86,14 +86,14 @@ enum KvSource {
 /// Header with the client's task or session id, passed to the router.
 pub const TASK_HEADER: &str = "x-kvsidecar-task-id";
 
-/// A peer as a routing candidate: what it holds of the prompt, and how to reach it.
+/// A peer as a routing candidate: its stored prefix of the prompt, its load and its URL.
 struct PeerOption {
     load: crate::peer::PeerLoad,
     /// Leading blocks of the prompt in the peer's store, which a pull can bring here.
     stored_blocks: usize,
 }
 
-/// Where a request runs.
+/// Place where a request runs.
 enum Routed {
     /// On an engine slot here, with its KV from `kv`.
     Local { slot: u32, kv: KvSource },
@@ -101,12 +101,16 @@ enum Routed {
     Forward(usize),
 }
 
-/// The fleet's peers as routing candidates for a prompt with block hashes `hashes`.
-fn peer_options(app: &App, hashes: &[crate::prefix::Digest]) -> (Vec<PeerOption>, Vec<crate::peer::index::PeerMatch>) {
+/// Returns the fleet's live peers as routing candidates for a prompt with block hashes `hashes`,
+/// with each peer's longest match.
+fn peer_options(app: &App, ready: &Ready, hashes: &[crate::prefix::Digest]) -> (Vec<PeerOption>, Vec<crate::peer::index::PeerMatch>) {
     let Some(fleet) = app.fleet.as_ref() else { return (Vec::new(), Vec::new()) };
     let mut options = Vec::new();
     let mut matches = Vec::new();
-    for load in fleet.peers.routable() {
+    // Only peers whose engine runs the same model with the same KV settings can serve the
+    // request or hold its KV.
+    let fingerprint = ready.info.fingerprint.to_hex();
+    for load in fleet.peers.routable().into_iter().filter(|load| load.fingerprint.as_deref() == Some(fingerprint.as_str())) {
         let found = fleet.index.matches(&load.url, hashes);
         options.push(PeerOption { load, stored_blocks: found.stored });
         matches.push(found);
@@ -165,9 +169,9 @@ async fn route(
             recompute_cost_ms: app.costs.recompute_ms(prompt.saturating_sub(stored as u64)),
         });
     }
-    // Each peer is offered once per tier that holds part of the prompt: its engine slots
-    // (device: it can serve, its KV cannot move) and its store (disk: it can serve, or send its
-    // snapshot). A peer holding nothing is offered once, for its load.
+    // Each peer is offered once per tier that contains part of the prompt: its engine slots
+    // (device: it can serve, but its KV cannot move) and its store (remote: it can serve, or send
+    // its snapshot). A peer with no match is offered once, for its load.
     let mut peer_of_candidate: Vec<(usize, usize)> = Vec::new();
     for (number, (option, found)) in peers.iter().zip(matches).enumerate() {
         let base = Candidate {
@@ -274,7 +278,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
             format!("invalid id_slot {slot}: the engine has {} slots, numbered from 0", ready.slots.len()),
         ));
     }
-    let tenant = tenant_of(app, &parts.headers)?;
+    let tenant = if forwarded { forwarded_tenant(app, &parts.headers)? } else { tenant_of(app, &parts.headers)? };
     if !parsed.single_prompt {
         return forward_uncached(app, parsed).await;
     }
@@ -296,14 +300,14 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     // store contains at least snapshot.restore_min_gain more tokens than the slot.
     let min_gain = app.config.snapshot.restore_min_gain as usize;
     // Peers are candidates unless the request came from one or pins a slot here.
-    let (peers, matches) = if forwarded || parsed.requested_slot.is_some() || !snapshots_enabled { (Vec::new(), Vec::new()) } else { peer_options(app, &hashes) };
+    let (peers, matches) = if forwarded || parsed.requested_slot.is_some() || !snapshots_enabled { (Vec::new(), Vec::new()) } else { peer_options(app, &ready, &hashes) };
     let (slot, kv) = match parsed.requested_slot {
         Some(slot) => (slot, KvSource::Builtin),
         None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &peers, &matches).await? {
             Routed::Local { slot, kv } => (slot, kv),
             Routed::Forward(number) => {
                 let peer = &peers[number].load;
-                match forward_to_peer(app, peer, endpoint, &parts.headers, bytes.clone()).await {
+                match forward_to_peer(app, peer, endpoint, &parts.headers, &tenant, bytes.clone()).await {
                     Some(response) => return Ok(response),
                     // Served here, as the router would have chosen among this node's slots.
                     None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &[], &[]).await? {
@@ -330,8 +334,19 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
             false
         }
     };
+    // A pull whose estimated transfer takes longer than computing the same tokens is skipped,
+    // whatever the router chose: the estimates follow measured link and prefill speeds.
+    let pull_worth = |number: usize| {
+        let stored = (peers[number].stored_blocks * block) as u64;
+        let worth = app.costs.pull_ms(stored) < app.costs.recompute_ms(stored.saturating_sub(common as u64));
+        if !worth {
+            Counters::add(&app.counters.pulls_skipped, 1);
+        }
+        worth
+    };
     if let KvSource::Peer(number) = kv
         && peers[number].stored_blocks * block > common
+        && pull_worth(number)
     {
         let blocks = peers[number].stored_blocks.min(hashes.len());
         let pulled = restore::from_peer(app, &ready, slot, &peers[number].load, &hashes[..blocks], namespace, &tenant).await;
@@ -616,10 +631,10 @@ fn check_model(app: &App, ready: &Ready, requested: Option<&str>) -> Result<(), 
 
 /// Forwards the request to `peer`. Returns its response when the peer took the request, or None
 /// when the forward failed before any byte reached the client, so the request is served here.
-async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endpoint, headers: &http::HeaderMap, body: Bytes) -> Option<Response<ResponseBody>> {
+async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endpoint, headers: &http::HeaderMap, tenant: &str, body: Bytes) -> Option<Response<ResponseBody>> {
     let fleet = app.fleet.as_ref()?;
     Counters::add(&app.counters.forwards, 1);
-    match crate::peer::forward::send(app, fleet, &peer.url, endpoint, headers, body).await {
+    match crate::peer::forward::send(app, fleet, &peer.url, endpoint, headers, tenant, body).await {
         Ok(response) if crate::peer::forward::deliverable(response.status()) => {
             let (mut head, body) = response.into_parts();
             strip_hop_by_hop(&mut head.headers);
@@ -667,8 +682,16 @@ fn cache_owner(app: &App, headers: &http::HeaderMap, tenant: &str) -> Result<Str
 /// Maximum length of a tenant id in the tenant header, in bytes.
 const MAX_TENANT_LEN: usize = 256;
 
+/// Returns the tenant of a request a peer forwarded, as the forwarding node resolved it.
+fn forwarded_tenant(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
+    tenant_in(app, headers, &http::HeaderName::from_static(crate::peer::forward::TENANT_HEADER))
+}
+
 fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
-    let name = &app.config.request.tenant_header;
+    tenant_in(app, headers, &app.config.request.tenant_header)
+}
+
+fn tenant_in(app: &App, headers: &http::HeaderMap, name: &http::HeaderName) -> Result<String, ApiError> {
     let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else { return Ok(app.config.request.default_tenant.clone()) };
     if values.next().is_some() {

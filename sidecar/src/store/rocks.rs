@@ -584,9 +584,9 @@ impl Store {
     }
 
     /// Passes the bytes of snapshot `id` to `sink` chunk by chunk, verifying the chunk sequence,
-    /// size and BLAKE3 digest; the last chunk is passed only once the rest verified. A snapshot
-    /// that fails verification is deleted and reported as corrupt. An error of `sink` ends the
-    /// read as `StoreError::File`.
+    /// size and BLAKE3 digest. The last chunk is passed only after the whole snapshot verified.
+    /// A snapshot that fails verification is deleted and reported as corrupt. An error of `sink`
+    /// ends the read as `StoreError::File`.
     pub fn read_chunks(&self, id: &Digest, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> Result<SnapshotMeta, StoreError> {
         let meta = self.meta(id)?.ok_or(StoreError::NotFound(*id))?;
         match self.copy_verified(&meta, &mut sink) {
@@ -609,7 +609,7 @@ impl Store {
         let mut written = 0u64;
         // Each chunk is held back until the next one is read, so the last one reaches the sink
         // only after the whole snapshot verified.
-        let mut held: Option<Box<[u8]>> = None;
+        let mut pending: Option<Box<[u8]>> = None;
 
         let start = chunk_key(&meta.id, 0);
         for item in self.db.iterator_cf(self.cf(CHUNKS), IteratorMode::From(&start, Direction::Forward)) {
@@ -626,7 +626,7 @@ impl Store {
             hasher.update(&value);
             written += value.len() as u64;
             expected += 1;
-            if let Some(previous) = held.replace(value) {
+            if let Some(previous) = pending.replace(value) {
                 sink(&previous).map_err(sink_error)?;
             }
         }
@@ -641,7 +641,7 @@ impl Store {
         if digest != meta.digest {
             return Err(corrupt(format!("BLAKE3 digest {digest} does not match the stored {}", meta.digest)));
         }
-        if let Some(last) = held {
+        if let Some(last) = pending {
             sink(&last).map_err(sink_error)?;
         }
         Ok(())
