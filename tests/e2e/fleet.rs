@@ -6,21 +6,10 @@ use std::time::{Duration, Instant};
 use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace, free_ports, get, send};
 use serde_json::Value;
 
-const TOKEN: &str = "fleet-token-for-tests-0123456789";
+const TOKEN: &str = kvsidecar_tests::FLEET_TOKEN;
 
-/// Returns a sidecar spec of `ws` under `name`, serving its peer API on `port` and following `peers`.
 fn member(ws: &Workspace, engine: &Engine, name: &str, port: u16, peers: &[u16]) -> SidecarSpec {
-    let urls: Vec<String> = peers.iter().map(|peer| format!("http://127.0.0.1:{peer}")).collect();
-    let mut spec = ws.sidecar(engine);
-    spec.data_dir = ws.path(&format!("{name}-data"));
-    spec.env.extend([
-        ("KVSIDECAR_PEERS_LISTEN".to_string(), format!("127.0.0.1:{port}")),
-        ("KVSIDECAR_PEERS_URLS".to_string(), urls.join(",")),
-        ("KVSIDECAR_PEER_TOKEN".to_string(), TOKEN.to_string()),
-        ("KVSIDECAR_PEERS_HEALTH_INTERVAL".to_string(), "200ms".to_string()),
-        ("KVSIDECAR_PEERS_DEAD_AFTER".to_string(), "1s".to_string()),
-    ]);
-    spec
+    kvsidecar_tests::fleet_member(ws, engine, name, port, peers)
 }
 
 async fn peers_of(sidecar: &Sidecar) -> Value {

@@ -437,6 +437,25 @@ impl Workspace {
     }
 }
 
+/// The bearer token the sidecars of a test fleet share.
+pub const FLEET_TOKEN: &str = "fleet-token-for-tests-0123456789";
+
+/// Returns a sidecar spec of `ws` under `name` in front of `engine`, serving its peer API on
+/// `port` and following the peer APIs on `peers`, all on loopback, with fast health checks.
+pub fn fleet_member(ws: &Workspace, engine: &Engine, name: &str, port: u16, peers: &[u16]) -> SidecarSpec {
+    let urls: Vec<String> = peers.iter().map(|peer| format!("http://127.0.0.1:{peer}")).collect();
+    let mut spec = ws.sidecar(engine);
+    spec.data_dir = ws.path(&format!("{name}-data"));
+    spec.env.extend([
+        ("KVSIDECAR_PEERS_LISTEN".to_string(), format!("127.0.0.1:{port}")),
+        ("KVSIDECAR_PEERS_URLS".to_string(), urls.join(",")),
+        ("KVSIDECAR_PEER_TOKEN".to_string(), FLEET_TOKEN.to_string()),
+        ("KVSIDECAR_PEERS_HEALTH_INTERVAL".to_string(), "200ms".to_string()),
+        ("KVSIDECAR_PEERS_DEAD_AFTER".to_string(), "1s".to_string()),
+    ]);
+    spec
+}
+
 impl Default for Workspace {
     fn default() -> Self {
         Self::new()

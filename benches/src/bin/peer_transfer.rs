@@ -95,8 +95,8 @@ fn settings(data_dir: &Path, compression: &str, level: u32, peer_port: u16) -> R
     let variables = [
         ("KVSIDECAR_STORE_DATA_DIR", data_dir.display().to_string()),
         ("KVSIDECAR_ENGINE_SLOT_DIR", data_dir.join("slots").display().to_string()),
-        ("KVSIDECAR_SERVER_LISTEN", "127.0.0.1:0".to_string()),
-        ("KVSIDECAR_SERVER_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+        ("KVSIDECAR_SERVER_LISTEN", format!("127.0.0.1:{}", kvsidecar_tests::free_port())),
+        ("KVSIDECAR_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", kvsidecar_tests::free_port())),
         // No engine: the peer API serves the store whatever the engine's state.
         ("KVSIDECAR_ENGINE_URL", "http://127.0.0.1:9".to_string()),
         ("KVSIDECAR_STORE_CAPACITY", "1GiB".to_string()),
@@ -107,13 +107,14 @@ fn settings(data_dir: &Path, compression: &str, level: u32, peer_port: u16) -> R
         ("KVSIDECAR_PEERS_LISTEN", format!("127.0.0.1:{peer_port}")),
         ("KVSIDECAR_PEERS_COMPRESSION", compression.to_string()),
         ("KVSIDECAR_PEERS_ZSTD_LEVEL", level.to_string()),
-        ("KVSIDECAR_PEER_TOKEN", TOKEN.to_string()),
+        ("KVSIDECAR_PEERS_TOKEN_FILE", data_dir.with_extension("token").display().to_string()),
         ("KVSIDECAR_LOG_LEVEL", "error".to_string()),
     ];
     config::load(&Overrides::default(), variables.into_iter().map(|(key, value)| (key.to_string(), value))).map_err(|error| anyhow::anyhow!("{error}"))
 }
 
 fn store_snapshot(data_dir: &Path, file: &Path, bytes: u64) -> Result<()> {
+    std::fs::write(data_dir.with_extension("token"), TOKEN)?;
     let settings = settings(data_dir, "none", 3, 0)?;
     let store = Store::open(&settings.store)?;
     let new = NewSnapshot {
@@ -145,6 +146,10 @@ async fn pull_median(work: &Path, data_dir: &Path, compression: &str, level: u32
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while fleet.get(&url, "/peer/v1/info").await.is_err() {
+        if server.is_finished() {
+            let stopped = server.await?;
+            anyhow::bail!("the sidecar stopped: {stopped:?}");
+        }
         anyhow::ensure!(Instant::now() < deadline, "the sidecar's peer API did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -5,10 +5,12 @@
 //!
 //! The KV comes from the local store or a peer's store instead of the slot when that source
 //! holds at least `min_restore_gain` more tokens and moving them costs less than computing them.
-//! A request goes to a peer instead when the peer holds at least `min_restore_gain` more tokens
+//! A request goes to a peer instead when the peer holds at least `min_forward_gain` more tokens
 //! than this node and is not overloaded; `forward` says which of the peer's tiers count.
 //!
 //! Config keys: `imbalance` (requests, default 4), `min_restore_gain` (tokens, default 64),
+//! `min_forward_gain` (tokens, default 256: a shorter gain, such as a common system prompt, is
+//! cheaper to compute here than to move the whole request),
 //! `forward` (`"resident"`, the default: forward when the peer's engine slot holds the prefix, so
 //! nothing moves; `"always"`: also when the peer's store holds it, rather than pulling it;
 //! `"never"`: always serve here).
@@ -27,6 +29,7 @@ enum Forward {
 pub struct PrefixAffinity {
     imbalance: u32,
     min_restore_gain: u32,
+    min_forward_gain: u32,
     forward: Forward,
 }
 
@@ -34,13 +37,14 @@ impl Router for PrefixAffinity {
     fn new(config: &Config) -> Result<Self, String> {
         let imbalance = u32::try_from(config.u64("imbalance", 4)?).map_err(|_| "config key `imbalance` is too large".to_string())?;
         let min_restore_gain = u32::try_from(config.u64("min_restore_gain", 64)?).map_err(|_| "config key `min_restore_gain` is too large".to_string())?;
+        let min_forward_gain = u32::try_from(config.u64("min_forward_gain", 256)?).map_err(|_| "config key `min_forward_gain` is too large".to_string())?;
         let forward = match config.string("forward", "resident")?.as_str() {
             "never" => Forward::Never,
             "resident" => Forward::Resident,
             "always" => Forward::Always,
             other => return Err(format!("config key `forward` is {other:?}; use \"resident\", \"always\" or \"never\"")),
         };
-        Ok(PrefixAffinity { imbalance, min_restore_gain, forward })
+        Ok(PrefixAffinity { imbalance, min_restore_gain, min_forward_gain, forward })
     }
 
     fn route(&mut self, _request: &Request, candidates: &[Candidate]) -> Decision {
@@ -68,7 +72,8 @@ impl Router for PrefixAffinity {
         let best_slot_match = locals.iter().map(|&index| candidates[index].matched_tokens).max().unwrap_or(0);
         let store_match = candidates.iter().filter(|candidate| candidate.kind == CandidateKind::LocalStore && candidate.healthy).map(|candidate| candidate.matched_tokens).max().unwrap_or(0);
 
-        // A peer with a match longer than this node's by the minimum gain, and not overloaded.
+        // A peer with a match longer than this node's by the minimum forward gain, and not
+        // overloaded.
         let here = best_slot_match.max(store_match);
         let forward_to = candidates
             .iter()
@@ -79,7 +84,7 @@ impl Router for PrefixAffinity {
                 Forward::Resident => candidate.tier == Tier::Device,
                 Forward::Always => true,
             })
-            .filter(|(_, candidate)| candidate.matched_tokens > 0 && candidate.matched_tokens.saturating_sub(here) >= self.min_restore_gain.max(1))
+            .filter(|(_, candidate)| candidate.matched_tokens > 0 && candidate.matched_tokens.saturating_sub(here) >= self.min_forward_gain.max(1))
             .filter(|(_, candidate)| candidate.total_load() <= least_load.saturating_add(self.imbalance))
             .max_by_key(|(index, candidate)| (candidate.matched_tokens, std::cmp::Reverse(candidate.total_load()), std::cmp::Reverse(*index)));
         if let Some((index, _)) = forward_to {

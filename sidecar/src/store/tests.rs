@@ -173,14 +173,17 @@ fn damaged_blob_file_is_a_miss_after_reopen() {
     assert!(!blobs.is_empty(), "chunks are kept in blob files");
     for blob in &blobs {
         let mut bytes = std::fs::read(blob).unwrap();
-        let middle = bytes.len() / 2;
+        // A byte inside a chunk's value, past the record header: reads skip RocksDB's CRC, so
+        // only damage to the value bytes themselves (which BLAKE3 covers) matters.
+        let middle = (bytes.len() / 2 + 200).min(bytes.len() - 1);
         bytes[middle] ^= 0x01;
         std::fs::write(blob, bytes).unwrap();
     }
 
     let store = Store::open(&config(dir.path(), 1 << 30)).expect("a damaged blob does not stop the store from opening");
     let out = dir.path().join("out.bin");
-    assert!(matches!(store.read_into(&new.id, &out), Err(StoreError::Corrupt { .. })));
+    let read = store.read_into(&new.id, &out);
+    assert!(matches!(read, Err(StoreError::Corrupt { .. })), "{read:?}");
     assert!(!store.contains(&new.id), "the damaged snapshot is deleted");
 }
 
