@@ -471,12 +471,12 @@ pub enum Fault {
     FlipAt(usize),
 }
 
-/// A TCP proxy on loopback in front of a peer API that damages the answers to snapshot requests
+/// A TCP proxy on loopback in front of a peer API that damages the responses to snapshot requests
 /// (`GET /peer/v1/snapshot`) and passes everything else unchanged. It stands for a network or a
 /// peer that fails mid-transfer, which the real parts cannot do on demand.
 pub struct FaultProxy {
     pub port: u16,
-    /// Set once a snapshot answer was damaged or held back.
+    /// Set once a snapshot response was damaged or held back.
     pub triggered: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -512,8 +512,8 @@ async fn proxy_connection(client: tokio::net::TcpStream, server: tokio::net::Tcp
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    // Set by the request direction when a snapshot request passes; HTTP/1.1 without pipelining
-    // sends a request only after the previous answer, so every answer byte after it belongs to it.
+    // Set by the request direction when a snapshot request passes. HTTP/1.1 without pipelining
+    // sends a request only after the previous response, so every later response byte is its.
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let arm = armed.clone();
     let requests = tokio::spawn(async move {

@@ -334,8 +334,10 @@ impl Sources {
         if !(1..=19).contains(&config.peers.zstd_level) {
             fail(self, "peers.zstd_level", config.peers.zstd_level.to_string(), "must be 1 to 19; set peers.compression = \"none\" to send snapshots uncompressed");
         }
-        if config.peers.transfer_timeout.is_zero() || config.peers.forward_timeout.is_zero() {
-            fail(self, "peers.transfer_timeout", humantime::format_duration(config.peers.transfer_timeout).to_string(), "peers.transfer_timeout and peers.forward_timeout must be longer than 0s");
+        for (path, value) in [("peers.transfer_timeout", config.peers.transfer_timeout), ("peers.forward_timeout", config.peers.forward_timeout)] {
+            if value.is_zero() {
+                fail(self, path, "0s".into(), "must be longer than 0s, such as \"10s\"");
+            }
         }
         for name in &config.request.shared_namespaces {
             if name.is_empty() || name.len() > 256 || !name.bytes().all(|byte| byte.is_ascii_graphic()) {
@@ -363,7 +365,13 @@ impl Sources {
         let tls_files = [&config.peers.tls_cert_file, &config.peers.tls_key_file, &config.peers.tls_ca_file];
         let tls_set = tls_files.iter().filter(|file| file.is_some()).count();
         if tls_set != 0 && tls_set != 3 {
-            fail(self, "peers.tls_cert_file", format!("{tls_set} of 3 set"), "set peers.tls_cert_file, peers.tls_key_file and peers.tls_ca_file together for mutual TLS, or none of them");
+            let missing: Vec<&str> = ["peers.tls_cert_file", "peers.tls_key_file", "peers.tls_ca_file"]
+                .into_iter()
+                .zip(tls_files)
+                .filter(|(_, file)| file.is_none())
+                .map(|(name, _)| name)
+                .collect();
+            fail(self, missing[0], "missing".into(), &format!("mutual TLS needs peers.tls_cert_file, peers.tls_key_file and peers.tls_ca_file together; set {}, or remove the others", missing.join(" and ")));
         }
         let scheme = config.peers.scheme();
         for url in &config.peers.urls {

@@ -54,9 +54,9 @@ pub struct PeersConfig {
     pub compression: Compression,
     /// zstd level of snapshots sent to peers, 1 (fastest) to 19.
     pub zstd_level: u32,
-    /// Longest a snapshot pull from a peer may take; a slower one is a miss.
+    /// Maximum duration of a snapshot pull from a peer; a slower one is a miss.
     pub transfer_timeout: Duration,
-    /// Longest wait for a peer's response head to a forwarded request; a slower one is served here.
+    /// Maximum wait for a peer's response head to a forwarded request; a slower one is served here.
     pub forward_timeout: Duration,
     /// Mutual TLS: this sidecar's certificate chain and key (PEM), and the CA (PEM) that signed
     /// every sidecar's certificate. All three or none; with them, peer URLs are https://.
@@ -76,7 +76,7 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// The name used in config and in the `content-encoding` header.
+    /// Returns the name used in the `content-encoding` header.
     pub fn as_str(self) -> &'static str {
         match self {
             Compression::None => "identity",
@@ -86,12 +86,12 @@ impl Compression {
 }
 
 impl PeersConfig {
-    /// Returns whether this sidecar is part of a fleet.
     /// Returns the scheme of peer URLs: https with mutual TLS, http without.
     pub fn scheme(&self) -> &'static str {
         if self.tls_cert_file.is_some() { "https" } else { "http" }
     }
 
+    /// Returns whether this sidecar is part of a fleet.
     pub fn enabled(&self) -> bool {
         self.listen.is_some() || !self.urls.is_empty() || self.dns.is_some()
     }
