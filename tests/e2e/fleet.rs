@@ -226,3 +226,24 @@ async fn index_churn_reaches_peers_quickly() {
     // The index stays within peers.index_blocks (256 block hashes) through the churn.
     assert!(seen["index"]["blocks"].as_u64() <= Some(256), "{seen}");
 }
+
+#[tokio::test]
+async fn unreachable_peer_is_warned_once() {
+    let ws = Workspace::new();
+    let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
+    // Nothing listens on the peer's port.
+    let [port, closed] = free_ports::<2>();
+    let sidecar = Sidecar::start(&member(&ws, &engine, "a", port, &[closed]), &ws.logs()).await.unwrap();
+    let warning = "peer unreachable since this sidecar started";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sidecar.log().contains(warning) {
+        assert!(Instant::now() < deadline, "no warning: {}", sidecar.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sidecar.log().matches(warning).count(), 1, "{}", sidecar.log());
+    let listing = peers_of(&sidecar).await;
+    let peer = &listing["peers"][0];
+    assert_eq!(peer["alive"], false);
+    assert!(peer["last_error"].as_str().is_some_and(|error| error.contains("unreachable")), "{listing}");
+}

@@ -386,7 +386,7 @@ impl Sources {
             }
         }
         if let Some(dns) = &config.peers.dns
-            && !dns.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            && (dns.contains("://") || !dns.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()))
         {
             fail(self, "peers.dns", format!("{dns:?}"), "must be a host name and port, such as \"kvsidecar-peers.default.svc:9100\"");
         }

@@ -31,6 +31,8 @@ struct PeerState {
     from_dns: bool,
     /// Whether the peer's death was logged since its last successful health check.
     reported_dead: bool,
+    /// First failed health check of a peer that never answered, to warn about it once.
+    failing_since: Option<Instant>,
 }
 
 /// A live peer and its load, as routing uses them.
@@ -72,6 +74,7 @@ impl PeerTable {
                     "alive": peer.last_ok.is_some_and(|at| at.elapsed() < self.dead_after),
                     "node_id": peer.node_id,
                     "generation": peer.generation,
+                    "fingerprint": peer.fingerprint,
                     "engine_ready": peer.engine_ready,
                     "slots": peer.slots,
                     "busy_slots": peer.busy_slots,
@@ -139,6 +142,15 @@ impl PeerTable {
         let Some(peer) = entries.get_mut(url) else { return };
         if peer.last_error.as_deref() != Some(error.as_str()) {
             tracing::debug!(peer.url = %url, error = %error, "peer health check failed");
+        }
+        if peer.last_ok.is_none() && !peer.reported_dead {
+            // A peer that never answered (a wrong URL, port, token or certificate) gets one
+            // warning once it has failed for peers.dead_after.
+            let since = *peer.failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.dead_after {
+                tracing::warn!(peer.url = %url, error = %error, "peer unreachable since this sidecar started; check its URL, port, token and certificate");
+                peer.reported_dead = true;
+            }
         }
         if !peer.reported_dead && peer.last_ok.is_some_and(|at| at.elapsed() >= self.dead_after) {
             tracing::warn!(peer.url = %url, peer.node_id = ?peer.node_id, error = %error, "peer dead: no successful health check within peers.dead_after");

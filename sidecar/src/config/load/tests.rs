@@ -160,3 +160,32 @@ fn bad_plugin_and_watermark_settings_are_reported() {
         assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
     }
 }
+
+#[test]
+fn peer_settings_invalid_values_named() {
+    let cases: [(&[(&str, &str)], &str); 6] = [
+        (&[("KVSIDECAR_PEERS_DNS", "http://peers.svc:9100")], "peers.dns"),
+        (&[("KVSIDECAR_PEERS_ZSTD_LEVEL", "22")], "peers.zstd_level"),
+        (&[("KVSIDECAR_PEERS_COMPRESSION", "gzip")], "peers.compression"),
+        (&[("KVSIDECAR_PEERS_FORWARD_TIMEOUT", "0s")], "peers.forward_timeout"),
+        (&[("KVSIDECAR_PEERS_TLS_CERT_FILE", "/etc/node.pem")], "peers.tls_key_file"),
+        (&[("KVSIDECAR_PEERS_URLS", "https://10.0.0.7:9100")], "peers.urls"),
+    ];
+    for (variables, path) in cases {
+        let found = issues(load(&Overrides::default(), env(variables)));
+        assert!(found.iter().any(|issue| issue.path == path), "{variables:?}: {found:?}");
+    }
+    let tls = load(
+        &Overrides::default(),
+        env(&[
+            ("KVSIDECAR_PEERS_TLS_CERT_FILE", "/etc/node.pem"),
+            ("KVSIDECAR_PEERS_TLS_KEY_FILE", "/etc/node.key"),
+            ("KVSIDECAR_PEERS_TLS_CA_FILE", "/etc/ca.pem"),
+            ("KVSIDECAR_PEERS_URLS", "https://10.0.0.7:9100"),
+            ("KVSIDECAR_REQUEST_SHARED_NAMESPACES", "docs,faq"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(tls.peers.scheme(), "https");
+    assert_eq!(tls.request.shared_namespaces, ["docs", "faq"]);
+}
