@@ -31,7 +31,7 @@ struct PeerState {
     from_dns: bool,
     /// Whether the peer's death was logged since its last successful health check.
     reported_dead: bool,
-    /// First failed health check of a peer that never answered, to warn about it once.
+    /// First failed health check of a peer that never responded, to warn about it once.
     failing_since: Option<Instant>,
 }
 
@@ -144,7 +144,7 @@ impl PeerTable {
             tracing::debug!(peer.url = %url, error = %error, "peer health check failed");
         }
         if peer.last_ok.is_none() && !peer.reported_dead {
-            // A peer that never answered (a wrong URL, port, token or certificate) gets one
+            // A peer that never responded (a wrong URL, port, token or certificate) gets one
             // warning once it has failed for peers.dead_after.
             let since = *peer.failing_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= self.dead_after {
