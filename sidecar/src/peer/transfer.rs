@@ -102,8 +102,9 @@ fn error(status: StatusCode, code: &str, message: String) -> Response<ResponseBo
 }
 
 fn send_plain(store: &crate::store::Store, id: &Digest, mut pipe: Pipe) -> Result<(), StoreError> {
-    store.read_chunks(id, |chunk| pipe.write_all(chunk))?;
-    pipe.flush().map_err(|source| StoreError::File { path: "peer connection".into(), source })
+    // Each chunk goes out as its own frame, without a copy.
+    store.read_owned_chunks(id, |chunk| pipe.send(Bytes::from(chunk.into_vec())))?;
+    Ok(())
 }
 
 fn send_zstd(store: &crate::store::Store, id: &Digest, pipe: Pipe, level: i32) -> Result<(), StoreError> {
@@ -140,7 +141,15 @@ impl Write for Pipe {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let frame = Frame::data(Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(PIPE_CHUNK))));
+        let bytes = Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(PIPE_CHUNK)));
+        self.send(bytes)
+    }
+}
+
+impl Pipe {
+    /// Hands `bytes` to the response body as one frame.
+    fn send(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        let frame = Frame::data(bytes);
         let sent = self.runtime.block_on(tokio::time::timeout(self.stall_limit, self.sender.send(Ok(frame))));
         match sent {
             Ok(Ok(())) => Ok(()),
@@ -205,7 +214,8 @@ async fn pull_into(fleet: &Fleet, url: &str, namespace: &Digest, block: &Digest,
     let expected = announced.bytes;
     let writer = tokio::task::spawn_blocking(move || -> Result<(u64, Digest), PullError> {
         let file = std::fs::File::create(&path).map_err(|error| PullError::Failed(format!("cannot create {}: {error}", path.display())))?;
-        let sink = HashingFile { file: std::io::BufWriter::with_capacity(1 << 20, file), hasher: blake3::Hasher::new(), written: 0, limit: expected };
+        // Frames of 64 KiB and more bypass the buffer and go to the file without a copy.
+        let sink = HashingFile { file: std::io::BufWriter::with_capacity(64 << 10, file), hasher: blake3::Hasher::new(), written: 0, limit: expected };
         let corrupt = |error: std::io::Error| PullError::Corrupt(error.to_string());
         let sink = match announced.compression {
             Compression::None => {

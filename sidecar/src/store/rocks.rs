@@ -588,6 +588,12 @@ impl Store {
     /// A snapshot that fails verification is deleted and reported as corrupt. An error of `sink`
     /// ends the read as `StoreError::File`.
     pub fn read_chunks(&self, id: &Digest, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> Result<SnapshotMeta, StoreError> {
+        self.read_owned_chunks(id, |chunk| sink(&chunk))
+    }
+
+    /// Works as `read_chunks`, but hands each chunk over as an owned buffer, so a caller that
+    /// sends the chunks on does not copy them.
+    pub fn read_owned_chunks(&self, id: &Digest, mut sink: impl FnMut(Box<[u8]>) -> std::io::Result<()>) -> Result<SnapshotMeta, StoreError> {
         let meta = self.meta(id)?.ok_or(StoreError::NotFound(*id))?;
         match self.copy_verified(&meta, &mut sink) {
             Ok(()) => Ok(meta),
@@ -601,7 +607,7 @@ impl Store {
         }
     }
 
-    fn copy_verified(&self, meta: &SnapshotMeta, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), StoreError> {
+    fn copy_verified(&self, meta: &SnapshotMeta, sink: &mut dyn FnMut(Box<[u8]>) -> std::io::Result<()>) -> Result<(), StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt { id: meta.id, reason };
         let sink_error = |source| StoreError::File { path: "snapshot reader".to_string(), source };
         let mut hasher = blake3::Hasher::new();
@@ -632,7 +638,7 @@ impl Store {
             written += value.len() as u64;
             expected += 1;
             if let Some(previous) = pending.replace(value) {
-                sink(&previous).map_err(sink_error)?;
+                sink(previous).map_err(sink_error)?;
             }
         }
 
@@ -647,7 +653,7 @@ impl Store {
             return Err(corrupt(format!("BLAKE3 digest {digest} does not match the stored {}", meta.digest)));
         }
         if let Some(last) = pending {
-            sink(&last).map_err(sink_error)?;
+            sink(last).map_err(sink_error)?;
         }
         Ok(())
     }
