@@ -91,7 +91,7 @@ for ((n = 0; n < fleet_size; n++)); do
 done
 for ((n = 0; n < fleet_size; n++)); do
   wait_for "http://127.0.0.1:${sidecar_ports[n]}/readyz" "kvsidecar $n"
-  # Every sidecar sees all the others alive before the replay starts.
+  # The replay starts once every sidecar lists all the others as alive.
   for _ in $(seq 1 100); do
     alive="$(curl -fsS "http://127.0.0.1:${admin_ports[n]}/admin/peers" | python3 -c 'import json,sys; print(sum(1 for p in json.load(sys.stdin)["peers"] if p["alive"]))')"
     ((alive == fleet_size - 1)) && break

@@ -99,7 +99,7 @@ async fn peer_prefix_pulled_or_forwarded() {
     let prompt = kvsidecar_tests::tokens(7001, PROMPT_TOKENS);
     let expected = computed_on(&a, &prompt, &[&b, &c]).await;
 
-    // B forwards to A, the peer that holds the prefix, and A serves it.
+    // B forwards to A, the peer whose slot contains the prefix, and A serves it.
     let forwarded = complete(&b, &prompt, "default").await;
     assert_eq!(forwarded.header("x-kvsidecar-served-by"), Some(id_a.as_str()), "B is {id_b}, C is {id_c}: {:?}", forwarded.headers);
     assert_ne!(forwarded.cache_source(), "none", "{:?}", forwarded.headers);

@@ -50,7 +50,11 @@ async fn main() -> Result<()> {
     std::fs::remove_file(&file)?;
 
     let mb = |seconds: f64| bytes as f64 / 1e6 / seconds;
-    let ceiling = median((0..cli.runs).map(|_| 0.0).collect(), |_| loopback_seconds(bytes)).await?;
+    let mut ceilings = Vec::new();
+    for _ in 0..cli.runs {
+        ceilings.push(loopback_seconds(bytes).await?);
+    }
+    let ceiling = middle(ceilings);
     println!("snapshot {} MB, {} runs each, median", cli.megabytes, cli.runs);
     println!("{:<28} {:>10} {:>10} {:>12}", "setting", "MB/s", "seconds", "of ceiling");
     println!("{:<28} {:>10.0} {:>10.3} {:>11.0} %", "loopback TCP ceiling", mb(ceiling), ceiling, 100.0);
@@ -197,18 +201,6 @@ async fn loopback_seconds(bytes: u64) -> Result<f64> {
     sender.await??;
     anyhow::ensure!(received == bytes, "received {received} of {bytes} bytes");
     Ok(elapsed)
-}
-
-async fn median<F, Fut>(slots: Vec<f64>, measure: F) -> Result<f64>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<f64>>,
-{
-    let mut values = Vec::new();
-    for index in 0..slots.len() {
-        values.push(measure(index).await?);
-    }
-    Ok(middle(values))
 }
 
 fn middle(mut values: Vec<f64>) -> f64 {

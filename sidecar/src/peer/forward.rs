@@ -50,9 +50,9 @@ fn kept_headers(from: &HeaderMap, into: &mut HeaderMap) {
         "tracestate",
         "accept",
     ];
-    for name in names {
-        for value in from.get_all(name) {
-            into.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap_or(http::header::ACCEPT), value.clone());
+    for name in names.map(http::HeaderName::from_static) {
+        for value in from.get_all(&name) {
+            into.append(name.clone(), value.clone());
         }
     }
 }

@@ -86,11 +86,11 @@ enum KvSource {
 /// Header with the client's task or session id, passed to the router.
 pub const TASK_HEADER: &str = "x-kvsidecar-task-id";
 
-/// A peer as a routing candidate: its stored prefix of the prompt, its load and its URL.
+/// A peer as a routing candidate: its load and URL, and its longest prefix of the prompt in its
+/// store (which a pull can bring here) and in its engine slots.
 struct PeerOption {
     load: crate::peer::PeerLoad,
-    /// Leading blocks of the prompt in the peer's store, which a pull can bring here.
-    stored_blocks: usize,
+    found: crate::peer::index::PeerMatch,
 }
 
 /// Place where a request runs.
@@ -103,19 +103,18 @@ enum Routed {
 
 /// Returns the fleet's live peers as routing candidates for a prompt with block hashes `hashes`,
 /// with each peer's longest match.
-fn peer_options(app: &App, ready: &Ready, hashes: &[crate::prefix::Digest]) -> (Vec<PeerOption>, Vec<crate::peer::index::PeerMatch>) {
-    let Some(fleet) = app.fleet.as_ref() else { return (Vec::new(), Vec::new()) };
-    let mut options = Vec::new();
-    let mut matches = Vec::new();
+fn peer_options(app: &App, ready: &Ready, hashes: &[crate::prefix::Digest]) -> Vec<PeerOption> {
+    let Some(fleet) = app.fleet.as_ref() else { return Vec::new() };
     // Only peers whose engine runs the same model with the same KV settings can serve the
-    // request or hold its KV.
+    // request or provide its KV.
     let fingerprint = ready.info.fingerprint.to_hex();
-    for load in fleet.peers.routable().into_iter().filter(|load| load.fingerprint.as_deref() == Some(fingerprint.as_str())) {
-        let found = fleet.index.matches(&load.url, hashes);
-        options.push(PeerOption { load, stored_blocks: found.stored });
-        matches.push(found);
-    }
-    (options, matches)
+    fleet
+        .peers
+        .routable()
+        .into_iter()
+        .filter(|load| load.fingerprint.as_deref() == Some(fingerprint.as_str()))
+        .map(|load| PeerOption { found: fleet.index.matches(&load.url, hashes), load })
+        .collect()
 }
 
 /// Asks the router policy where the request runs and where its KV comes from. The policy runs on
@@ -132,7 +131,6 @@ async fn route(
     tenant: &str,
     stored: usize,
     peers: &[PeerOption],
-    matches: &[crate::peer::index::PeerMatch],
 ) -> Result<Routed, ApiError> {
     let views = ready.slots.views(tokens, namespace);
     if views.is_empty() {
@@ -173,7 +171,8 @@ async fn route(
     // (device: it can serve, but its KV cannot move) and its store (remote: it can serve, or send
     // its snapshot). A peer with no match is offered once, for its load.
     let mut peer_of_candidate: Vec<(usize, usize)> = Vec::new();
-    for (number, (option, found)) in peers.iter().zip(matches).enumerate() {
+    for (number, option) in peers.iter().enumerate() {
+        let found = option.found;
         let base = Candidate {
             id: number as u32,
             kind: CandidateKind::Peer,
@@ -300,17 +299,17 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     // store contains at least snapshot.restore_min_gain more tokens than the slot.
     let min_gain = app.config.snapshot.restore_min_gain as usize;
     // Peers are candidates unless the request came from one or pins a slot here.
-    let (peers, matches) = if forwarded || parsed.requested_slot.is_some() || !snapshots_enabled { (Vec::new(), Vec::new()) } else { peer_options(app, &ready, &hashes) };
+    let peers = if forwarded || parsed.requested_slot.is_some() || !snapshots_enabled { Vec::new() } else { peer_options(app, &ready, &hashes) };
     let (slot, kv) = match parsed.requested_slot {
         Some(slot) => (slot, KvSource::Builtin),
-        None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &peers, &matches).await? {
+        None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &peers).await? {
             Routed::Local { slot, kv } => (slot, kv),
             Routed::Forward(number) => {
                 let peer = &peers[number].load;
                 match forward_to_peer(app, peer, endpoint, &parts.headers, &tenant, bytes.clone()).await {
                     Some(response) => return Ok(response),
                     // Served here, as the router would have chosen among this node's slots.
-                    None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &[], &[]).await? {
+                    None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &[]).await? {
                         Routed::Local { slot, kv } => (slot, kv),
                         Routed::Forward(_) => return Err(ApiError::internal("the router chose a peer among none".into())),
                     },
@@ -337,7 +336,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     // A pull whose estimated transfer takes longer than computing the same tokens is skipped,
     // whatever the router chose: the estimates follow measured link and prefill speeds.
     let pull_worth = |number: usize| {
-        let stored = (peers[number].stored_blocks * block) as u64;
+        let stored = (peers[number].found.stored * block) as u64;
         let worth = app.costs.pull_ms(stored) < app.costs.recompute_ms(stored.saturating_sub(common as u64));
         if !worth {
             Counters::add(&app.counters.pulls_skipped, 1);
@@ -345,10 +344,10 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
         worth
     };
     if let KvSource::Peer(number) = kv
-        && peers[number].stored_blocks * block > common
+        && peers[number].found.stored * block > common
         && pull_worth(number)
     {
-        let blocks = peers[number].stored_blocks.min(hashes.len());
+        let blocks = peers[number].found.stored.min(hashes.len());
         let pulled = restore::from_peer(app, &ready, slot, &peers[number].load, &hashes[..blocks], namespace, &tenant).await;
         if let Some(restored) = pulled {
             common = common_prefix(&restored, &tokens);
