@@ -22,6 +22,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         ("GET", "/admin/snapshots") => snapshots(&app).await,
         ("GET", "/admin/plugins") => json_response(StatusCode::OK, &app.plugins.describe()),
         ("GET", "/admin/peers") => peers(&app),
+        ("GET", "/metrics") => metrics(&app).await,
         (_, "/admin/plugins/reload") => with_allow(
             json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -31,7 +32,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         ),
         ("GET", _) => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots, /admin/plugins or /admin/peers"), "code": "not_found"}}),
+            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots, /admin/plugins, /admin/peers or /metrics"), "code": "not_found"}}),
         ),
         _ => with_allow(
             json_response(
@@ -107,6 +108,26 @@ async fn snapshots(app: &Arc<App>) -> Response<ResponseBody> {
     match tokio::task::spawn_blocking(move || store.list()).await {
         Ok(Ok(list)) => json_response(StatusCode::OK, &json!({"snapshots": list})),
         Ok(Err(error)) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": error.to_string(), "code": "store_error"}})),
+        Err(error) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": error.to_string(), "code": "internal_error"}})),
+    }
+}
+
+/// Returns every metric in the Prometheus text format.
+async fn metrics(app: &Arc<App>) -> Response<ResponseBody> {
+    let telemetry = app.telemetry.clone();
+    // Collecting runs the observers, which read the store and fleet state under their locks.
+    let rendered = tokio::task::spawn_blocking(move || telemetry.prometheus_text()).await;
+    match rendered {
+        Ok(Some(Ok(text))) => {
+            let mut response = Response::new(crate::proxy::full(bytes::Bytes::from(text)));
+            response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::telemetry::prometheus::CONTENT_TYPE));
+            response
+        }
+        Ok(None) => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": {"message": "the Prometheus endpoint is off; set telemetry.prometheus = true to serve /metrics", "code": "not_found"}}),
+        ),
+        Ok(Some(Err(error))) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": format!("metric collection failed: {error}"), "code": "internal_error"}})),
         Err(error) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": {"message": error.to_string(), "code": "internal_error"}})),
     }
 }

@@ -15,6 +15,7 @@ use crate::engine::{Engine, EngineInfo};
 use crate::error::ApiError;
 use crate::slots::Slots;
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 
 /// Source of the KV reused for a request's prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -54,13 +55,26 @@ pub struct Ready {
 pub struct Counters {
     pub requests: AtomicU64,
     pub requests_failed: AtomicU64,
+    /// Requests by outcome: response delivered whole, 4xx, 5xx, client gone or stream broken.
+    pub completed: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed: AtomicU64,
+    pub aborted: AtomicU64,
     pub source_none: AtomicU64,
     pub source_slot: AtomicU64,
     pub source_local: AtomicU64,
     pub source_peer: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
+    /// Cached tokens by source.
+    pub cached_slot: AtomicU64,
+    pub cached_local: AtomicU64,
+    pub cached_peer: AtomicU64,
+    /// Generated tokens, as the engine reported them.
+    pub output_tokens: AtomicU64,
     pub restores: AtomicU64,
+    /// Bytes of snapshots restored from the local store.
+    pub restored_bytes: AtomicU64,
     pub restores_failed: AtomicU64,
     pub snapshots_saved: AtomicU64,
     pub snapshots_skipped: AtomicU64,
@@ -104,6 +118,12 @@ impl Counters {
         serde_json::json!({
             "requests": get(&self.requests),
             "requests_failed": get(&self.requests_failed),
+            "outcome": {
+                "completed": get(&self.completed),
+                "rejected": get(&self.rejected),
+                "failed": get(&self.failed),
+                "aborted": get(&self.aborted),
+            },
             "cache_source": {
                 "none": get(&self.source_none),
                 "slot": get(&self.source_slot),
@@ -112,7 +132,9 @@ impl Counters {
             },
             "prompt_tokens": get(&self.prompt_tokens),
             "cached_tokens": get(&self.cached_tokens),
+            "output_tokens": get(&self.output_tokens),
             "restores": get(&self.restores),
+            "restored_bytes": get(&self.restored_bytes),
             "restores_failed": get(&self.restores_failed),
             "snapshots_saved": get(&self.snapshots_saved),
             "snapshots_skipped": get(&self.snapshots_skipped),
@@ -147,6 +169,7 @@ pub struct App {
     pub costs: Arc<Costs>,
     /// This sidecar's fleet membership; None on a single node.
     pub fleet: Option<Arc<Fleet>>,
+    pub telemetry: Arc<Telemetry>,
     ready: ArcSwapOption<Ready>,
     /// Reason the engine is not ready, for `/readyz` and error responses.
     not_ready: ArcSwapOption<NotReady>,
@@ -162,7 +185,7 @@ pub struct App {
 const CONCURRENT_SNAPSHOTS: usize = 2;
 
 impl App {
-    pub fn new(config: Config, engine: Arc<dyn Engine>, store: Arc<Store>, plugins: Arc<Plugins>, costs: Arc<Costs>, fleet: Option<Arc<Fleet>>) -> App {
+    pub fn new(config: Config, engine: Arc<dyn Engine>, store: Arc<Store>, plugins: Arc<Plugins>, costs: Arc<Costs>, fleet: Option<Arc<Fleet>>, telemetry: Arc<Telemetry>) -> App {
         App {
             config,
             engine,
@@ -170,6 +193,7 @@ impl App {
             plugins,
             costs,
             fleet,
+            telemetry,
             ready: ArcSwapOption::empty(),
             not_ready: ArcSwapOption::from_pointee(NotReady { reason: "engine not probed yet".into(), unreachable: false }),
             counters: Counters::default(),

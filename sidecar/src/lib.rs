@@ -18,8 +18,8 @@
 //!
 //! Around them: [`config`] and [`cli`] for start-up, [`monitor`] for engine readiness and
 //! restarts, [`admin`] for the loopback admin API, [`app`] for shared state, [`costs`] for the
-//! cost estimates the policies receive, [`peer`] for the fleet: identity, peer API, peer health, the fleet index, snapshot
-//! transfer and forwarding.
+//! cost estimates the policies receive, [`peer`] for the fleet: identity, peer API, peer health,
+//! the fleet index, snapshot transfer and forwarding, [`telemetry`] for traces, metrics and logs.
 
 pub mod admin;
 pub mod app;
@@ -39,3 +39,4 @@ pub mod server;
 pub mod slots;
 pub mod snapshot;
 pub mod store;
+pub mod telemetry;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvsidecar::cli::{Cli, Command, PluginCommand, PluginKindArg};
 use kvsidecar::plugin::{Kind, tool};
-use kvsidecar::config::{self, Config, LogFormat};
+use kvsidecar::config::{self, Config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -97,7 +97,14 @@ fn load(args: &kvsidecar::cli::ServeArgs) -> Option<Config> {
 }
 
 fn serve(config: Config) -> ExitCode {
-    init_logging(&config);
+    kvsidecar::telemetry::init_logging(&config);
+    let telemetry = match kvsidecar::telemetry::Telemetry::start(&config) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -105,23 +112,15 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kvsidecar::server::serve(config, shutdown_signal())) {
+    let served = runtime.block_on(kvsidecar::server::serve(config, telemetry.clone(), shutdown_signal()));
+    // Spans of the last requests are exported before the process exits.
+    telemetry.shutdown(std::time::Duration::from_secs(2));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(config: &Config) {
-    // The level was validated with the same parser when the configuration was loaded.
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
     }
 }
 

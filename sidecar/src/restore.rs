@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kvsidecar_sdk::AdmissionCandidate;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{FutureExt as _, SpanKind};
 
 use crate::app::{App, Counters, Ready};
 use crate::engine::slot_file;
@@ -12,11 +14,30 @@ use crate::peer::PeerLoad;
 use crate::peer::transfer::{self, PullError};
 use crate::prefix::{Digest, Namespace, block_hashes, sequence_id};
 use crate::store::{NewSnapshot, PrefixMatch, StoreError};
+use crate::telemetry::{self, trace};
 
 /// Restores snapshot `found` of `namespace` into `slot`, which the caller holds. Returns the
 /// tokens the slot now contains, or None when the restore did not happen (a miss: the request is
 /// computed cold).
 pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMatch, namespace: Namespace) -> Option<Vec<u32>> {
+    let started = std::time::Instant::now();
+    let step = trace::Step::start("kvsidecar.restore");
+    step.set(|| vec![KeyValue::new("kvsidecar.restore.source", "local"), KeyValue::new("kvsidecar.snapshot.id", found.id.to_hex()), KeyValue::new("kvsidecar.slot", i64::from(slot))]);
+    let restored = local(app, ready, slot, found, namespace).await;
+    let ok = restored.is_some();
+    telemetry::instruments().restore(started.elapsed(), "local", ok);
+    match &restored {
+        Some((tokens, bytes)) => {
+            Counters::add(&app.counters.restored_bytes, *bytes);
+            step.set(|| vec![KeyValue::new("kvsidecar.restore.tokens", tokens.len() as i64), KeyValue::new("kvsidecar.restore.bytes", *bytes as i64)]);
+        }
+        None => step.fail("restore_failed", "the snapshot was not restored; the prompt is computed"),
+    }
+    restored.map(|(tokens, _)| tokens)
+}
+
+/// Restores a stored snapshot; returns the slot's tokens and the snapshot's bytes.
+async fn local(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMatch, namespace: Namespace) -> Option<(Vec<u32>, u64)> {
     let id = found.id;
     let meta = match app.store.meta(&id) {
         Ok(Some(meta)) => meta,
@@ -73,7 +94,7 @@ pub async fn into_slot(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMa
     if loaded.is_some() {
         app.store.record_access(&id);
     }
-    loaded
+    loaded.map(|tokens| (tokens, meta.bytes))
 }
 
 /// Loads the slot file `name` of the shared slot folder, which contains the KV of `tokens`, into
@@ -112,12 +133,53 @@ async fn load_file(app: &Arc<App>, ready: &Ready, slot: u32, name: &str, tokens:
 /// keeps a copy. Returns the tokens the slot now contains, or None: a miss, never a partial or
 /// unverified restore.
 pub async fn from_peer(app: &Arc<App>, ready: &Arc<Ready>, slot: u32, peer: &PeerLoad, hashes: &[Digest], namespace: Namespace, tenant: &str) -> Option<Vec<u32>> {
+    let started = std::time::Instant::now();
+    let step = trace::Step::start("kvsidecar.restore");
+    step.set(|| vec![KeyValue::new("kvsidecar.restore.source", "peer"), KeyValue::new("kvsidecar.peer.node_id", peer.node_id.clone()), KeyValue::new("kvsidecar.slot", i64::from(slot))]);
+    let restored = pull_and_load(app, ready, slot, peer, hashes, namespace, tenant, step.context()).await;
+    telemetry::instruments().restore(started.elapsed(), "peer", restored.is_some());
+    match &restored {
+        Some(tokens) => step.set(|| vec![KeyValue::new("kvsidecar.restore.tokens", tokens.len() as i64)]),
+        None => step.fail("restore_failed", "the peer's snapshot was not restored; the prompt is computed"),
+    }
+    restored
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pull_and_load(
+    app: &Arc<App>,
+    ready: &Arc<Ready>,
+    slot: u32,
+    peer: &PeerLoad,
+    hashes: &[Digest],
+    namespace: Namespace,
+    tenant: &str,
+    parent: &opentelemetry::Context,
+) -> Option<Vec<u32>> {
     let fleet = app.fleet.as_ref()?;
     let last = hashes.last()?;
     let name = app.slot_file_name("pull", slot);
     let path = app.config.engine.slot_dir.join(&name);
     let max_bytes = app.config.store.max_snapshot.as_u64();
-    let pulled = match transfer::pull(fleet, &peer.url, &namespace.0, last, &path, max_bytes, app.config.peers.transfer_timeout).await {
+    let call = trace::start(
+        "kvsidecar.pull",
+        SpanKind::Client,
+        parent,
+        vec![
+            KeyValue::new("http.request.method", "GET"),
+            KeyValue::new("url.full", format!("{}/peer/v1/snapshot", peer.url)),
+            KeyValue::new("kvsidecar.peer.node_id", peer.node_id.clone()),
+        ],
+    );
+    let pull_started = std::time::Instant::now();
+    let pulled = transfer::pull(fleet, &peer.url, &namespace.0, last, &path, max_bytes, app.config.peers.transfer_timeout).with_context(call.clone()).await;
+    telemetry::instruments().pull(pull_started.elapsed(), pulled.is_ok());
+    match &pulled {
+        Ok(pulled) => trace::set(&call, || vec![KeyValue::new("kvsidecar.pull.bytes", pulled.bytes as i64), KeyValue::new("kvsidecar.snapshot.id", pulled.id.to_hex())]),
+        Err(error) => trace::fail(&call, if matches!(error, PullError::Corrupt(_)) { "corrupt" } else { "pull_failed" }, error.to_string()),
+    }
+    trace::end(&call);
+    let pulled = match pulled {
         Ok(pulled) => pulled,
         Err(PullError::Corrupt(reason)) => {
             Counters::add(&app.counters.pulls_corrupt, 1);

@@ -22,6 +22,7 @@ use crate::peer::journal::Journal;
 use crate::peer::{self, Fleet, Identity, PeerTable, Token};
 use crate::plugin::{self, Plugins};
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 use crate::{admin, monitor, proxy};
 
 /// Failure to start `serve`.
@@ -40,7 +41,7 @@ pub enum ServeError {
 }
 
 /// Runs the sidecar until `shutdown` resolves, then drains connections for the grace period.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve(config: Config, telemetry: Arc<Telemetry>, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     std::fs::create_dir_all(&config.engine.slot_dir)
         .map_err(|source| ServeError::SlotDir { path: config.engine.slot_dir.display().to_string(), source })?;
     remove_stale_slot_files(&config.engine.slot_dir);
@@ -81,7 +82,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let engine = Arc::new(LlamaCpp::new(&config.engine));
     let grace = config.server.shutdown_grace;
     let watch_plugins = config.plugins.watch;
-    let app = Arc::new(App::new(config, engine, store.clone(), plugins.clone(), costs, fleet.clone()));
+    let app = Arc::new(App::new(config, engine, store.clone(), plugins.clone(), costs, fleet.clone(), telemetry.clone()));
+    crate::telemetry::metrics::observe(telemetry.meter_provider(), &app, &telemetry.counters);
     let watcher = if watch_plugins { plugin::watch(plugins) } else { None };
     let (stop_sender, stop) = watch::channel(false);
 

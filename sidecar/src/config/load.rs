@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    ByteSize, Compression, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat, OnFailure, PeersConfig,
-    PluginConfig, PluginsConfig, PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig,
+    ByteSize, Compression, Config, EngineConfig, FlashAttention, KvCacheType, LogConfig, LogFormat, OnFailure, OtlpProtocol, PeersConfig,
+    PluginConfig, PluginsConfig, PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig, TelemetryConfig,
 };
 
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "KVSIDECAR_";
 
-const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins", "peers"];
+const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins", "peers", "telemetry"];
 
 /// Tables inside a section whose keys are read one by one, as `plugins.router.file`.
 const SUBSECTIONS: &[&str] = &["plugins.router", "plugins.evictor", "plugins.admission"];
@@ -287,7 +287,20 @@ impl Sources {
             tls_ca_file: r.get("peers.tls_ca_file", Optional::<PathBuf>(None)).0,
             tls_server_name: r.get("peers.tls_server_name", Optional::<String>(None)).0,
         };
-        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers };
+        let telemetry = TelemetryConfig {
+            otlp_endpoint: r.get("telemetry.otlp_endpoint", Optional::<String>(None)).0,
+            otlp_protocol: r.get("telemetry.otlp_protocol", OtlpProtocol::Grpc),
+            otlp_timeout: r.get("telemetry.otlp_timeout", Duration::from_secs(10)),
+            otlp_headers: r.get("telemetry.otlp_headers", Vec::new()),
+            service_name: r.get("telemetry.service_name", "kvsidecar".to_string()),
+            traces: r.get("telemetry.traces", true),
+            sampling_ratio: r.get("telemetry.sampling_ratio", 1.0),
+            span_queue: r.get("telemetry.span_queue", 4096),
+            metrics: r.get("telemetry.metrics", true),
+            metrics_interval: r.get("telemetry.metrics_interval", Duration::from_secs(15)),
+            prometheus: r.get("telemetry.prometheus", true),
+        };
+        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers, telemetry };
 
         for (path, (value, origin)) in &self.values {
             if !used.contains(path) {
@@ -401,6 +414,36 @@ impl Sources {
         }
         if !(1..=1024).contains(&config.plugins.max_concurrent_calls) {
             fail(self, "plugins.max_concurrent_calls", config.plugins.max_concurrent_calls.to_string(), "must be between 1 and 1024");
+        }
+        let telemetry = &config.telemetry;
+        if let Some(endpoint) = &telemetry.otlp_endpoint {
+            let valid = endpoint.parse::<http::Uri>().is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
+            if !valid {
+                fail(self, "telemetry.otlp_endpoint", format!("{endpoint:?}"), "must be an http:// URL of an OTLP collector, such as \"http://127.0.0.1:4317\" (gRPC) or \"http://127.0.0.1:4318\" (HTTP); for a collector behind TLS, export to a collector agent on the node that forwards over TLS");
+            }
+        }
+        for header in &telemetry.otlp_headers {
+            let valid = header.split_once('=').is_some_and(|(name, value)| {
+                http::HeaderName::from_bytes(name.trim().as_bytes()).is_ok() && http::HeaderValue::from_str(value.trim()).is_ok()
+            });
+            if !valid {
+                fail(self, "telemetry.otlp_headers", format!("{header:?}"), "each entry must be name=value with a valid HTTP header name and value, such as \"authorization=Bearer abc\"");
+            }
+        }
+        if !(0.0..=1.0).contains(&telemetry.sampling_ratio) {
+            fail(self, "telemetry.sampling_ratio", telemetry.sampling_ratio.to_string(), "must be between 0 (no new trace recorded) and 1 (all)");
+        }
+        if telemetry.span_queue == 0 {
+            fail(self, "telemetry.span_queue", "0".into(), "must be at least 1");
+        }
+        if telemetry.otlp_timeout.is_zero() {
+            fail(self, "telemetry.otlp_timeout", "0s".into(), "must be longer than 0s");
+        }
+        if telemetry.metrics_interval < Duration::from_secs(1) {
+            fail(self, "telemetry.metrics_interval", humantime::format_duration(telemetry.metrics_interval).to_string(), "must be at least 1s");
+        }
+        if telemetry.service_name.trim().is_empty() {
+            fail(self, "telemetry.service_name", "\"\"".into(), "must not be empty");
         }
         if !valid_log_filter(&config.log.level) {
             fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
@@ -671,6 +714,7 @@ enum_value!(FlashAttention, "on, off, auto");
 enum_value!(LogFormat, "human, json");
 enum_value!(OnFailure, "fallback, reject");
 enum_value!(Compression, "zstd, none");
+enum_value!(OtlpProtocol, "grpc, http");
 
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,54 @@ pub struct Config {
     pub log: LogConfig,
     pub plugins: PluginsConfig,
     pub peers: PeersConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Traces and metrics: the OTLP exporter and the Prometheus endpoint.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// OTLP collector address, such as `http://127.0.0.1:4317` for gRPC or `http://127.0.0.1:4318`
+    /// for HTTP; None exports nothing (trace ids still reach the logs).
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    /// Longest wait for the collector to take one export.
+    pub otlp_timeout: Duration,
+    /// Extra headers sent with every export, as `name=value`.
+    pub otlp_headers: Vec<String>,
+    /// `service.name` of this sidecar's traces and metrics.
+    pub service_name: String,
+    /// Exports spans when an endpoint is set.
+    pub traces: bool,
+    /// Share of new traces recorded, 0 to 1. A request whose `traceparent` says sampled or not
+    /// follows its parent.
+    pub sampling_ratio: f64,
+    /// Finished spans waiting for export; more are dropped and counted.
+    pub span_queue: u32,
+    /// Exports metrics when an endpoint is set.
+    pub metrics: bool,
+    /// Time between two metric exports.
+    pub metrics_interval: Duration,
+    /// Serves `/metrics` in the Prometheus text format on the admin listener.
+    pub prometheus: bool,
+}
+
+/// Wire protocol of the OTLP exporter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC, by default on port 4317.
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies, by default on port 4318.
+    Http,
+}
+
+impl OtlpProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::Http => "http",
+        }
+    }
 }
 
 /// Other sidecars of the fleet, and this sidecar's peer API.

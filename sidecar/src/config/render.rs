@@ -141,6 +141,20 @@ impl Config {
             ("tls_ca_file", optional(self.peers.tls_ca_file.as_ref().map(|path| path.display().to_string()))),
             ("tls_server_name", optional(self.peers.tls_server_name.clone())),
         ]));
+        let telemetry = &self.telemetry;
+        root.insert("telemetry".into(), section(vec![
+            ("otlp_endpoint", optional(telemetry.otlp_endpoint.clone())),
+            ("otlp_protocol", text(telemetry.otlp_protocol.as_str())),
+            ("otlp_timeout", duration(telemetry.otlp_timeout)),
+            ("otlp_headers", Value::Array(telemetry.otlp_headers.iter().map(text).collect())),
+            ("service_name", text(&telemetry.service_name)),
+            ("traces", Value::Boolean(telemetry.traces)),
+            ("sampling_ratio", Value::Float(telemetry.sampling_ratio)),
+            ("span_queue", Value::Integer(i64::from(telemetry.span_queue))),
+            ("metrics", Value::Boolean(telemetry.metrics)),
+            ("metrics_interval", duration(telemetry.metrics_interval)),
+            ("prometheus", Value::Boolean(telemetry.prometheus)),
+        ]));
         toml::to_string(&root).unwrap_or_default()
     }
 }

@@ -41,13 +41,12 @@ pub async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Respon
 }
 
 /// Client headers a forwarded request keeps: those the completion path reads, except the tenant
-/// header, which `TENANT_HEADER` replaces.
+/// header, which `TENANT_HEADER` replaces, and the trace context, which the forward's own span
+/// replaces.
 fn kept_headers(from: &HeaderMap, into: &mut HeaderMap) {
     let names = [
         crate::proxy::completion::TASK_HEADER,
         crate::proxy::completion::NAMESPACE_HEADER,
-        "traceparent",
-        "tracestate",
         "accept",
     ];
     for name in names.map(http::HeaderName::from_static) {

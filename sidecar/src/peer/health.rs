@@ -88,6 +88,18 @@ impl PeerTable {
         json!({ "peers": peers })
     }
 
+    /// Returns the numbers of alive and dead peers.
+    pub fn counts(&self) -> (usize, usize) {
+        let liveness = self.liveness();
+        let alive = liveness.iter().filter(|(_, alive)| *alive).count();
+        (alive, liveness.len() - alive)
+    }
+
+    /// Returns each peer URL with whether the peer is alive.
+    pub fn liveness(&self) -> Vec<(String, bool)> {
+        self.lock().iter().map(|(url, peer)| (url.clone(), peer.last_ok.is_some_and(|at| at.elapsed() < self.dead_after))).collect()
+    }
+
     /// Returns the peers that can take part in routing: alive, with a node id.
     pub fn routable(&self) -> Vec<PeerLoad> {
         self.lock()

@@ -38,6 +38,17 @@ struct PeerView {
 /// Most engine slots recorded per peer.
 const MAX_SLOTS: usize = 1024;
 
+/// Size of the fleet index, for the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IndexSize {
+    /// Distinct block hashes of peers' snapshots.
+    pub stored_blocks: u64,
+    /// Block hashes of peers' engine slots.
+    pub slot_blocks: u64,
+    /// Estimated bytes of the index's maps and lists.
+    pub memory_bytes: u64,
+}
+
 /// A request's longest prefix on one peer, in blocks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeerMatch {
@@ -199,6 +210,26 @@ impl FleetIndex {
         let mut ids: Vec<String> = peers.get(peer).map(|view| view.snapshots.keys().map(Digest::to_hex).collect()).unwrap_or_default();
         ids.sort();
         ids
+    }
+
+    /// Returns the size of the index over all peers.
+    pub fn size(&self) -> IndexSize {
+        let peers = self.lock();
+        let mut size = IndexSize::default();
+        let digest = std::mem::size_of::<Digest>();
+        for view in peers.values() {
+            let stored: usize = view.snapshots.values().map(|entry| entry.blocks.len()).sum();
+            let slots: usize = view.slots.values().map(Vec::len).sum();
+            size.stored_blocks += view.blocks.len() as u64;
+            size.slot_blocks += slots as u64;
+            // Hash maps hold about one spare bucket per entry; each entry's vectors hold its blocks.
+            size.memory_bytes += (view.blocks.capacity() * (digest + 4) * 2
+                + view.snapshots.capacity() * (digest + std::mem::size_of::<Entry>()) * 2
+                + stored * digest
+                + view.order.capacity() * (digest + 8)
+                + slots * digest) as u64;
+        }
+        size
     }
 
     /// Returns the index of `peer` as `/admin/peers` shows it.

@@ -160,7 +160,23 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
     match (request.method().as_str(), request.uri().path()) {
         ("GET", "/peer/v1/info") => json_response(StatusCode::OK, &info(&app)),
         ("GET", "/peer/v1/index") => index(&app, request.uri().query()).await,
-        ("GET", "/peer/v1/snapshot") => transfer::serve(&app, request.uri().query()).await,
+        ("GET", "/peer/v1/snapshot") => {
+            // The span joins the puller's trace and ends when the snapshot starts streaming.
+            let parent = crate::telemetry::trace::extract(request.headers());
+            let cx = crate::telemetry::trace::start("GET /peer/v1/snapshot", opentelemetry::trace::SpanKind::Server, &parent, vec![
+                opentelemetry::KeyValue::new("http.request.method", "GET"),
+                opentelemetry::KeyValue::new("http.route", "/peer/v1/snapshot"),
+            ]);
+            let response = transfer::serve(&app, request.uri().query()).await;
+            crate::telemetry::trace::set(&cx, || {
+                let bytes = response.headers().get(transfer::BYTES_HEADER).and_then(|value| value.to_str().ok()).and_then(|text| text.parse::<i64>().ok());
+                let mut attributes = vec![opentelemetry::KeyValue::new("http.response.status_code", i64::from(response.status().as_u16()))];
+                attributes.extend(bytes.map(|bytes| opentelemetry::KeyValue::new("kvsidecar.snapshot.bytes", bytes)));
+                attributes
+            });
+            crate::telemetry::trace::end(&cx);
+            response
+        }
         ("POST", path) if path.starts_with(forward::PATH_PREFIX) => forward::serve(app, request).await,
         (_, "/peer/v1/info") => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": {"message": "use GET /peer/v1/info", "code": "method_not_allowed"}})),
         (_, path) => json_response(StatusCode::NOT_FOUND, &json!({"error": {"message": format!("no peer endpoint {path}"), "code": "not_found"}})),
@@ -213,8 +229,10 @@ impl Fleet {
         self.send(request).await
     }
 
-    /// Sends `request` to a peer; the caller set its URL and token.
-    pub async fn send(&self, request: http::Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
+    /// Sends `request` to a peer; the caller set its URL and token. A request sent while a span
+    /// is current carries its `traceparent`, so the peer's spans join the trace.
+    pub async fn send(&self, mut request: http::Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
+        crate::telemetry::trace::inject_current(request.headers_mut());
         self.client.request(request).await.map_err(|error| format!("unreachable: {error}"))
     }
 

@@ -214,6 +214,9 @@ pub struct Plugin<I: Interface> {
     reload_lock: Mutex<()>,
     pub fallbacks: AtomicU64,
     pub rejections: AtomicU64,
+    /// Calls and failed calls of every version since start, for the metrics.
+    calls_total: AtomicU64,
+    failures_total: AtomicU64,
     /// Calls that found every turn taken for a whole deadline.
     busy: AtomicU64,
     reloads: AtomicU64,
@@ -238,6 +241,8 @@ impl<I: Interface> Plugin<I> {
             reload_lock: Mutex::new(()),
             fallbacks: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
+            calls_total: AtomicU64::new(0),
+            failures_total: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
@@ -371,8 +376,11 @@ impl<I: Interface> Plugin<I> {
         call: impl FnOnce(&mut Instance<I>) -> Result<T, String>,
     ) -> Option<Result<T, CallError>> {
         let version = self.current()?;
+        let started = Instant::now();
+        self.calls_total.fetch_add(1, Ordering::Relaxed);
         let Some(_turn) = self.gate.enter(self.deadline) else {
             self.busy.fetch_add(1, Ordering::Relaxed);
+            self.failures_total.fetch_add(1, Ordering::Relaxed);
             let error = CallError { plugin: version.label(), reason: format!("all {} call turns (plugins.max_concurrent_calls) stayed taken for the whole deadline", self.gate.limit) };
             self.warn(&error);
             return Some(Err(error));
@@ -394,6 +402,7 @@ impl<I: Interface> Plugin<I> {
             call(&mut instance).map(|value| (value, instance))
         });
         version.calls.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::instruments().plugin_call(I::KIND, started.elapsed(), result.is_ok());
         match result {
             Ok((value, instance)) => {
                 let mut pool = self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -406,6 +415,7 @@ impl<I: Interface> Plugin<I> {
                 // The instance is dropped: after a trap it cannot be entered again, and after an
                 // invalid result its state is suspect.
                 version.failures.fetch_add(1, Ordering::Relaxed);
+                self.failures_total.fetch_add(1, Ordering::Relaxed);
                 let error = CallError { plugin: version.label(), reason };
                 self.warn(&error);
                 Some(Err(error))
@@ -439,6 +449,23 @@ impl<I: Interface> Plugin<I> {
         );
     }
 
+    /// Returns the plugin's counters since start, for the metrics.
+    pub fn figures(&self) -> PluginFigures {
+        let version = self.current();
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PluginFigures {
+            kind: I::KIND,
+            name: version.as_ref().map(|v| v.name.clone()).unwrap_or_else(|| format!("builtin-{}", I::KIND)),
+            version: version.as_ref().map(|v| v.version.clone()).unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+            calls: load(&self.calls_total),
+            failures: load(&self.failures_total),
+            fallbacks: load(&self.fallbacks),
+            rejections: load(&self.rejections),
+            loads: load(&self.reloads),
+            load_failures: load(&self.reload_failures),
+        }
+    }
+
     /// Returns the plugin's entry in `/admin/plugins`.
     pub fn describe(&self) -> serde_json::Value {
         let version = self.current();
@@ -464,6 +491,23 @@ impl<I: Interface> Plugin<I> {
             "on_failure": self.setting.on_failure.as_str(),
         })
     }
+}
+
+/// A plugin's counters since start.
+#[derive(Debug, Clone)]
+pub struct PluginFigures {
+    pub kind: Kind,
+    /// Name and version of the version in use; `builtin-KIND` for a built-in policy.
+    pub name: String,
+    pub version: String,
+    pub calls: u64,
+    /// Calls that trapped, ran out of time or memory, returned an invalid result, or found no free turn.
+    pub failures: u64,
+    pub fallbacks: u64,
+    pub rejections: u64,
+    /// Versions loaded, the first one included, and loads that failed (the previous version kept serving).
+    pub loads: u64,
+    pub load_failures: u64,
 }
 
 /// Maximum length of a plugin's name or version as kept, in characters.
@@ -560,6 +604,11 @@ impl Plugins {
             Kind::Evictor => self.evictor.plugin.reload(),
             Kind::Admission => self.admission.plugin.reload(),
         }
+    }
+
+    /// Returns the counters of the three policies.
+    pub fn figures(&self) -> [PluginFigures; 3] {
+        [self.router.plugin.figures(), self.evictor.plugin.figures(), self.admission.plugin.figures()]
     }
 
     /// Returns the component files to watch, with their kinds.

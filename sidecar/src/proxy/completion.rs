@@ -3,15 +3,19 @@
 //! and schedule a snapshot of the slot after the response.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use kvsidecar_sdk::{AdmissionCandidate, Candidate, CandidateKind, Request as RouteRequest, Tier};
+use opentelemetry::trace::{FutureExt as _, SpanKind};
+use opentelemetry::{Context, KeyValue};
+use tracing::Instrument as _;
 
 use super::body::{StreamEnd, TrackedBody};
+use super::observe::{Ending, ObservedBody};
 use super::{ResponseBody, full, strip_hop_by_hop};
 use crate::app::{App, CacheSource, Counters, Ready};
 use crate::engine::http_client::{full_body, read_limited};
@@ -19,6 +23,7 @@ use crate::error::ApiError;
 use crate::prefix::{Namespace, block_hashes, common_prefix};
 use crate::request::{self, CompletionRequest, Endpoint};
 use crate::slots::SlotLease;
+use crate::telemetry::{self, trace};
 use crate::{restore, snapshot};
 
 /// Response header: prompt tokens the engine did not compute.
@@ -42,11 +47,20 @@ pub async fn handle_forwarded(app: Arc<App>, request: Request<Incoming>, endpoin
 }
 
 async fn handle_from(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoint, forwarded: bool) -> Response<ResponseBody> {
+    let started = Instant::now();
     Counters::add(&app.counters.requests, 1);
+    let parent = trace::extract(request.headers());
+    let route = request.uri().path().to_string();
+    let attributes = server_attributes(&request, &route, endpoint, forwarded);
+    let cx = trace::start(format!("POST {route}"), SpanKind::Server, &parent, attributes);
+    let log_span = tracing::info_span!("request", trace_id = %trace::trace_id(&cx));
+    let pending = Pending { app: app.clone(), cx: cx.clone(), log_span: log_span.clone(), started, forwarded, done: false };
+
     let served_by = app.fleet.as_ref().map(|fleet| HeaderValue::from_str(&fleet.identity.node_id).unwrap_or(HeaderValue::from_static("")));
-    let mut response = match serve(&app, request, endpoint, forwarded).await {
+    let mut response = match serve(&app, request, endpoint, forwarded).with_context(cx).instrument(log_span.clone()).await {
         Ok(response) => response,
         Err(error) => {
+            let _entered = log_span.enter();
             Counters::add(&app.counters.requests_failed, 1);
             // Plugin failures are logged by the plugin host, rate-limited.
             if error.status.is_server_error() && error.code != "policy_failed" {
@@ -54,14 +68,188 @@ async fn handle_from(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoi
             } else {
                 tracing::debug!(endpoint = endpoint.as_str(), http.status = error.status.as_u16(), error = %error.message, "completion request rejected");
             }
-            error.into_response()
+            pending.rejected(&error);
+            return error.into_response();
         }
     };
     if let Some(node) = served_by {
         // A forwarded response already names the peer that served it.
         response.headers_mut().entry(crate::peer::forward::SERVED_BY_HEADER).or_insert(node);
     }
-    response
+    let served = response.extensions_mut().remove::<Served>();
+    let events = response.headers().get(http::header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).is_some_and(|value| value.starts_with("text/event-stream"));
+    let status = response.status().as_u16();
+    let (head, body) = response.into_parts();
+    let observed = ObservedBody::new(body, events, move |ending| pending.finish(served, ending, status, events));
+    Response::from_parts(head, observed.boxed())
+}
+
+/// Attributes of a completion request's server span, known before its body is read.
+fn server_attributes(request: &Request<Incoming>, route: &str, endpoint: Endpoint, forwarded: bool) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", "POST"),
+        KeyValue::new("http.route", route.to_string()),
+        KeyValue::new("url.path", route.to_string()),
+        KeyValue::new("url.scheme", "http"),
+        KeyValue::new("network.protocol.version", if request.version() == http::Version::HTTP_2 { "2" } else { "1.1" }),
+        KeyValue::new("gen_ai.operation.name", operation(endpoint)),
+        KeyValue::new("kvsidecar.forwarded", forwarded),
+    ];
+    if let Some(agent) = request.headers().get(http::header::USER_AGENT).and_then(|value| value.to_str().ok()) {
+        attributes.push(KeyValue::new("user_agent.original", agent.chars().take(256).collect::<String>()));
+    }
+    if let Some(host) = request.headers().get(http::header::HOST).and_then(|value| value.to_str().ok()).and_then(|host| host.parse::<http::uri::Authority>().ok()) {
+        attributes.push(KeyValue::new("server.address", host.host().to_string()));
+        if let Some(port) = host.port_u16() {
+            attributes.push(KeyValue::new("server.port", i64::from(port)));
+        }
+    }
+    attributes
+}
+
+/// Returns the GenAI operation name of an endpoint.
+fn operation(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::ChatCompletions => "chat",
+        Endpoint::Completions | Endpoint::NativeCompletion => "text_completion",
+    }
+}
+
+/// What the request path knows about a response, passed to its end through the response's
+/// extensions.
+#[derive(Debug, Clone)]
+struct Served {
+    /// Prompt tokens as this node counted them; 0 for a batch.
+    prompt_tokens: u64,
+    /// Reused prompt tokens as planned, or as the engine reported for a non-streamed response.
+    cached_tokens: u64,
+    source: CacheSource,
+    /// Node id of the peer that served the request; None when this node's engine did.
+    peer: Option<String>,
+    slot: Option<u32>,
+}
+
+/// A request between its arrival and the end of its response. Dropped before either (the client
+/// left while the request was planned or waited for its slot), it counts as aborted.
+struct Pending {
+    app: Arc<App>,
+    cx: Context,
+    log_span: tracing::Span,
+    started: Instant,
+    /// Whether a peer forwarded the request: the peer counts it, its time and its cost.
+    forwarded: bool,
+    done: bool,
+}
+
+impl Pending {
+    /// Ends a request answered with an error.
+    fn rejected(mut self, error: &ApiError) {
+        self.done = true;
+        let outcome = if error.status.is_server_error() { "failed" } else { "rejected" };
+        if !self.forwarded {
+            let counters = &self.app.counters;
+            Counters::add(if error.status.is_server_error() { &counters.failed } else { &counters.rejected }, 1);
+            telemetry::instruments().request_duration(self.started.elapsed(), outcome);
+        }
+        trace::set(&self.cx, || vec![KeyValue::new("http.response.status_code", i64::from(error.status.as_u16()))]);
+        if error.status.is_server_error() {
+            trace::fail(&self.cx, error.status.as_u16().to_string(), error.message.clone());
+        } else {
+            trace::set(&self.cx, || vec![KeyValue::new("error.type", error.status.as_u16().to_string())]);
+        }
+        trace::end(&self.cx);
+    }
+
+    /// Ends a request whose response body ended as `ending` says.
+    fn finish(mut self, served: Option<Served>, ending: Ending, status: u16, events: bool) {
+        self.done = true;
+        let _entered = self.log_span.enter();
+        let app = &self.app;
+        let usage = ending.usage;
+        let served = served.unwrap_or(Served { prompt_tokens: 0, cached_tokens: 0, source: CacheSource::None, peer: None, slot: None });
+        let prompt = usage.prompt_tokens.unwrap_or(served.prompt_tokens);
+        // The engine's own count is the truth; the plan is the fallback when it reported none.
+        let cached = usage.cached_tokens.unwrap_or(served.cached_tokens).min(prompt);
+        let source = if cached == 0 { CacheSource::None } else { served.source };
+        let output = usage.output_tokens.unwrap_or(0);
+        let outcome = if ending.completed { "completed" } else { "aborted" };
+        if served.peer.is_none() {
+            // The engine work is counted where it ran.
+            record(app, source, prompt, cached, output);
+        }
+        let ttft = time_to_first_token(self.started, &ending, events);
+        if !self.forwarded {
+            Counters::add(if ending.completed { &app.counters.completed } else { &app.counters.aborted }, 1);
+            let instruments = telemetry::instruments();
+            instruments.request_duration(ending.ended.duration_since(self.started), outcome);
+            if let Some(ttft) = ttft {
+                instruments.time_to_first_token(ttft, cached > 0);
+            }
+        }
+        trace::set(&self.cx, || {
+            let mut attributes = vec![
+                KeyValue::new("http.response.status_code", i64::from(status)),
+                KeyValue::new("gen_ai.usage.input_tokens", prompt as i64),
+                KeyValue::new("gen_ai.usage.output_tokens", output as i64),
+                KeyValue::new("kvsidecar.cache.source", source.as_str()),
+                KeyValue::new("kvsidecar.cache.cached_tokens", cached as i64),
+                KeyValue::new("kvsidecar.cache.computed_tokens", prompt.saturating_sub(cached) as i64),
+            ];
+            if let Some(ttft) = ttft {
+                attributes.push(KeyValue::new("kvsidecar.time_to_first_token", ttft.as_secs_f64()));
+            }
+            if let Some(peer) = &served.peer {
+                attributes.push(KeyValue::new("kvsidecar.served_by", peer.clone()));
+            }
+            if let Some(slot) = served.slot {
+                attributes.push(KeyValue::new("kvsidecar.slot", i64::from(slot)));
+            }
+            attributes
+        });
+        if !ending.completed {
+            trace::fail(&self.cx, "aborted", "the client left or the response stream broke before its end");
+        }
+        trace::end(&self.cx);
+        tracing::debug!(
+            outcome,
+            prompt.tokens = prompt,
+            cache.tokens = cached,
+            cache.source = source.as_str(),
+            output.tokens = output,
+            ttft_ms = ttft.map(|ttft| ttft.as_secs_f64() * 1000.0),
+            served_by = served.peer.as_deref(),
+            "request finished"
+        );
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if !self.forwarded {
+            Counters::add(&self.app.counters.aborted, 1);
+            telemetry::instruments().request_duration(self.started.elapsed(), "aborted");
+        }
+        trace::fail(&self.cx, "aborted", "the client left before the response");
+        trace::end(&self.cx);
+    }
+}
+
+/// Returns the time from the request's arrival to its first token. For a stream that is the
+/// first body frame. A non-streamed body arrives whole, so the engine's generation time after
+/// the first token is taken off its arrival time.
+fn time_to_first_token(started: Instant, ending: &Ending, events: bool) -> Option<Duration> {
+    let first = ending.first_frame?;
+    let arrived = first.duration_since(started);
+    let after_first = match (ending.usage.generation_ms, ending.usage.output_tokens) {
+        (Some(ms), Some(tokens)) if !events && tokens > 1 => {
+            Duration::from_secs_f64((ms.max(0.0) / 1000.0) * (tokens - 1) as f64 / tokens as f64)
+        }
+        _ => Duration::ZERO,
+    };
+    Some(arrived.saturating_sub(after_first))
 }
 
 /// Request header: a namespace listed in `request.shared_namespaces`, whose cached prefixes
@@ -132,6 +320,7 @@ async fn route(
     stored: usize,
     peers: &[PeerOption],
 ) -> Result<Routed, ApiError> {
+    let step = trace::Step::start("kvsidecar.route");
     let views = ready.slots.views(tokens, namespace);
     if views.is_empty() {
         return Err(ApiError::not_ready("the engine reports no slots"));
@@ -225,7 +414,18 @@ async fn route(
         .map_err(|error| ApiError::policy_failed(&error))?;
     let peer_at = |index: usize| peer_of_candidate.iter().find(|(at, _)| *at == index).map(|(_, number)| *number);
     let serve = plan.choice.serve;
+    step.set(|| {
+        let figures = app.plugins.router.plugin.figures();
+        vec![
+            KeyValue::new("kvsidecar.plugin.name", figures.name),
+            KeyValue::new("kvsidecar.plugin.version", figures.version),
+            KeyValue::new("kvsidecar.route.decider", format!("{:?}", plan.decider).to_ascii_lowercase()),
+            KeyValue::new("kvsidecar.route.candidates", candidates.len() as i64),
+            KeyValue::new("kvsidecar.route.peer_candidates", peer_of_candidate.len() as i64),
+        ]
+    });
     if let Some(number) = peer_at(serve) {
+        step.set(|| vec![KeyValue::new("kvsidecar.route.decision", "forward"), KeyValue::new("kvsidecar.route.peer", peers[number].load.node_id.clone())]);
         return Ok(Routed::Forward(number));
     }
     let slot = views.get(serve).map(|view| view.slot).ok_or_else(|| ApiError::internal(format!("router chose candidate {serve}, which is not a slot")))?;
@@ -239,6 +439,15 @@ async fn route(
             None => KvSource::Store,
         },
     };
+    step.set(|| {
+        let source = match kv {
+            KvSource::Slot => "slot",
+            KvSource::Store => "local",
+            KvSource::Peer(_) => "peer",
+            KvSource::Compute | KvSource::Builtin => "none",
+        };
+        vec![KeyValue::new("kvsidecar.route.decision", "local"), KeyValue::new("kvsidecar.route.slot", i64::from(slot)), KeyValue::new("kvsidecar.route.kv_source", source)]
+    });
     Ok(Routed::Local { slot, kv })
 }
 
@@ -270,6 +479,8 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     }
     let mut parsed = request::parse(endpoint, &bytes)?;
     let ready = app.ready().ok_or_else(|| app.not_ready_error())?;
+    let model = parsed.model.clone().unwrap_or_else(|| ready.info.model_id.clone());
+    trace::set(&Context::current(), || vec![KeyValue::new("gen_ai.request.model", model.clone()), KeyValue::new("gen_ai.request.stream", parsed.stream)]);
     check_model(app, &ready, parsed.model.as_deref())?;
     if let Some(slot) = parsed.requested_slot.filter(|slot| !ready.slots.contains(*slot)) {
         return Err(ApiError::invalid_value(
@@ -283,6 +494,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     }
 
     // Prefix: the engine's own tokens, hashed in chained blocks under the request's namespace.
+    let step = trace::Step::start("kvsidecar.prefix");
     let tokens = app.engine.prompt_tokens(endpoint, &parsed.body).await.map_err(|error| ApiError::from_engine(&error))?;
     if let Some(bad) = tokens.iter().find(|token| **token >= ready.info.n_vocab) {
         return Err(ApiError::invalid_value("prompt", format!("invalid token id {bad} in 'prompt': the model's vocabulary has {} tokens", ready.info.n_vocab)));
@@ -293,6 +505,14 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     let snapshots_enabled = ready.info.snapshots_disabled.is_none();
     let stored_match = if snapshots_enabled { app.store.longest_prefix(&hashes).map_err(|error| ApiError::internal(error.to_string()))? } else { None };
     let stored = stored_match.map(|found| found.blocks as usize * block).unwrap_or(0);
+    step.set(|| {
+        vec![
+            KeyValue::new("kvsidecar.prompt.tokens", tokens.len() as i64),
+            KeyValue::new("kvsidecar.prefix.blocks", hashes.len() as i64),
+            KeyValue::new("kvsidecar.store.matched_tokens", stored as i64),
+        ]
+    });
+    drop(step);
 
     // Route: the router policy picks the serving slot and the KV source among the slots and
     // the store. A slot the client pinned with id_slot keeps the built-in rule: restore when the
@@ -306,7 +526,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
             Routed::Local { slot, kv } => (slot, kv),
             Routed::Forward(number) => {
                 let peer = &peers[number].load;
-                match forward_to_peer(app, peer, endpoint, &parts.headers, &tenant, bytes.clone()).await {
+                match forward_to_peer(app, peer, endpoint, &parts.headers, &tenant, bytes.clone(), tokens.len() as u64).await {
                     Some(response) => return Ok(response),
                     // Served here, as the router would have chosen among this node's slots.
                     None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &[]).await? {
@@ -388,14 +608,37 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
 
     // Forward, pinned to the slot.
     app.engine.pin_to_slot(&mut parsed.body, slot);
-    forward(app, InFlight::new(app, ready, lease, plan), parsed).await
+    forward(app, InFlight::new(app, ready, lease, plan), parsed, &model).await
 }
 
-async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest) -> Result<Response<ResponseBody>, ApiError> {
-    let upstream = upstream_request(app, &parsed)?;
+async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest, model: &str) -> Result<Response<ResponseBody>, ApiError> {
+    let plan = in_flight.summary();
+    // The engine call is a GenAI client span; its end is the end of the engine's response.
+    let engine = app.engine.client().base();
+    let call = trace::start(
+        format!("{} {model}", operation(parsed.endpoint)),
+        SpanKind::Client,
+        &Context::current(),
+        vec![
+            KeyValue::new("gen_ai.operation.name", operation(parsed.endpoint)),
+            KeyValue::new("gen_ai.request.model", model.to_string()),
+            KeyValue::new("gen_ai.provider.name", "llama.cpp"),
+            KeyValue::new("server.address", engine.host().unwrap_or_default().to_string()),
+            KeyValue::new("server.port", i64::from(engine.port_u16().unwrap_or(80))),
+            KeyValue::new("gen_ai.usage.input_tokens", plan.prompt_tokens as i64),
+            KeyValue::new("kvsidecar.slot", i64::from(plan.slot)),
+        ],
+    );
+    let mut upstream = upstream_request(app, &parsed)?;
+    {
+        let _attached = call.clone().attach();
+        trace::inject_current(upstream.headers_mut());
+    }
     let (response, connection) = match app.engine.client().send_cancellable(upstream).await {
         Ok(pair) => pair,
         Err(error) => {
+            trace::fail(&call, "engine_unreachable", error.to_string());
+            trace::end(&call);
             in_flight.finish(Outcome::Failed);
             return Err(ApiError::from_engine(&error));
         }
@@ -404,24 +647,31 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     let success = head.status.is_success();
-    let plan = in_flight.summary();
+    trace::set(&call, || vec![KeyValue::new("http.response.status_code", i64::from(head.status.as_u16()))]);
+    let served = |source: CacheSource, cached: u32| Served { prompt_tokens: plan.prompt_tokens as u64, cached_tokens: u64::from(cached), source, peer: None, slot: Some(plan.slot) };
 
     if parsed.stream && success {
         // NOTE: stream headers leave before the engine reports its reuse, so they carry the
         // planned count. The engine's own count is in the stream's final event (timings.cache_n).
         set_cache_headers(&mut head.headers, plan.source, plan.cached);
         head.headers.insert(SLOT_HEADER, HeaderValue::from(plan.slot));
-        record(app, plan.source, plan.prompt_tokens, plan.cached);
         let tracked = TrackedBody::new(body, connection, move |end| {
+            if end != StreamEnd::Completed {
+                trace::fail(&call, "aborted", "the engine stream ended early or the client left");
+            }
+            trace::end(&call);
             in_flight.finish(if end == StreamEnd::Completed { Outcome::Completed } else { Outcome::Aborted })
         });
-        return Ok(Response::from_parts(head, tracked.boxed()));
+        let mut response = Response::from_parts(head, tracked.boxed());
+        response.extensions_mut().insert(served(plan.source, plan.cached));
+        return Ok(response);
     }
 
     // A non-streaming response is one JSON document that the engine sends only when complete, so
     // reading it whole adds no delay and gives the engine's own count of reused tokens.
     let read = read_limited(body, MAX_RESPONSE_BODY).await;
     drop(connection);
+    trace::end(&call);
     let bytes = match read {
         Ok(bytes) => bytes,
         Err(detail) => {
@@ -450,9 +700,10 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest)
     set_cache_headers(&mut head.headers, source, cached);
     head.headers.insert(SLOT_HEADER, HeaderValue::from(plan.slot));
     head.headers.remove(http::header::CONTENT_LENGTH);
-    record(app, source, plan.prompt_tokens, cached);
     in_flight.finish(Outcome::Completed);
-    Ok(Response::from_parts(head, full(bytes)))
+    let mut response = Response::from_parts(head, full(bytes));
+    response.extensions_mut().insert(served(source, cached));
+    Ok(response)
 }
 
 /// A forwarded request that still owns its slot lease. hyper drops the request's future when the
@@ -516,10 +767,22 @@ enum Outcome {
     Aborted,
 }
 
-fn record(app: &App, source: CacheSource, prompt_tokens: usize, cached: u32) {
-    app.counters.count_source(source);
-    Counters::add(&app.counters.prompt_tokens, prompt_tokens as u64);
-    Counters::add(&app.counters.cached_tokens, u64::from(cached));
+/// Counts the engine work of one request: its prompt, reused and generated tokens.
+fn record(app: &App, source: CacheSource, prompt_tokens: u64, cached: u64, output: u64) {
+    let counters = &app.counters;
+    counters.count_source(source);
+    Counters::add(&counters.prompt_tokens, prompt_tokens);
+    Counters::add(&counters.cached_tokens, cached);
+    Counters::add(&counters.output_tokens, output);
+    let by_source = match source {
+        CacheSource::None => None,
+        CacheSource::Slot => Some(&counters.cached_slot),
+        CacheSource::Local => Some(&counters.cached_local),
+        CacheSource::Peer => Some(&counters.cached_peer),
+    };
+    if let Some(counter) = by_source {
+        Counters::add(counter, cached);
+    }
 }
 
 /// Runs after the response: records the slot's new contents and, for a long prompt not yet
@@ -560,6 +823,9 @@ fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, outcom
         tracing::debug!(slot = lease.slot, "snapshot skipped: saves already in progress");
         return;
     };
+    // The save runs after the response, in the request's trace and log span.
+    let cx = Context::current();
+    let log_span = tracing::Span::current();
     tokio::spawn(async move {
         // The admission policy runs on the blocking pool, as the router does.
         let plugins = app.plugins.clone();
@@ -570,7 +836,9 @@ fn finish(app: Arc<App>, ready: Arc<Ready>, lease: SlotLease, plan: Plan, outcom
         }
         snapshot::save(&app, &ready, lease, plan.namespace, plan.tenant).await;
         drop(permit);
-    });
+    }
+    .with_context(cx)
+    .instrument(log_span));
 }
 
 fn upstream_request(app: &App, parsed: &CompletionRequest) -> Result<Request<crate::engine::UpstreamBody>, ApiError> {
@@ -600,7 +868,6 @@ async fn forward_uncached(app: &App, mut parsed: CompletionRequest) -> Result<Re
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     set_cache_headers(&mut head.headers, CacheSource::None, 0);
-    app.counters.count_source(CacheSource::None);
     Ok(Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed()))
 }
 
@@ -630,10 +897,24 @@ fn check_model(app: &App, ready: &Ready, requested: Option<&str>) -> Result<(), 
 
 /// Forwards the request to `peer`. Returns its response when the peer took the request, or None
 /// when the forward failed before any byte reached the client, so the request is served here.
-async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endpoint, headers: &http::HeaderMap, tenant: &str, body: Bytes) -> Option<Response<ResponseBody>> {
+#[allow(clippy::too_many_arguments)]
+async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endpoint, headers: &http::HeaderMap, tenant: &str, body: Bytes, prompt_tokens: u64) -> Option<Response<ResponseBody>> {
     let fleet = app.fleet.as_ref()?;
     Counters::add(&app.counters.forwards, 1);
-    match crate::peer::forward::send(app, fleet, &peer.url, endpoint, headers, tenant, body).await {
+    // The span covers the forward until the peer's response head; the peer's own server span,
+    // a child of this one, covers the rest.
+    let call = trace::start(
+        "kvsidecar.forward",
+        SpanKind::Client,
+        &Context::current(),
+        vec![
+            KeyValue::new("http.request.method", "POST"),
+            KeyValue::new("url.full", format!("{}{}", peer.url, crate::peer::forward::PATH_PREFIX)),
+            KeyValue::new("kvsidecar.peer.node_id", peer.node_id.clone()),
+        ],
+    );
+    let sent = crate::peer::forward::send(app, fleet, &peer.url, endpoint, headers, tenant, body).with_context(call.clone()).await;
+    let answer = match sent {
         Ok(response) if crate::peer::forward::deliverable(response.status()) => {
             let (mut head, body) = response.into_parts();
             strip_hop_by_hop(&mut head.headers);
@@ -642,20 +923,42 @@ async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endp
             {
                 head.headers.insert(crate::peer::forward::SERVED_BY_HEADER, node);
             }
+            trace::set(&call, || vec![KeyValue::new("http.response.status_code", i64::from(head.status.as_u16()))]);
             tracing::debug!(peer.url = %peer.url, peer.node_id = %peer.node_id, http.status = head.status.as_u16(), "request forwarded to a peer");
-            Some(Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed()))
+            let header = |name: &str| head.headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
+            let source = match header(CACHE_SOURCE_HEADER).as_deref() {
+                Some("slot") => CacheSource::Slot,
+                Some("local") => CacheSource::Local,
+                Some("peer") => CacheSource::Peer,
+                _ => CacheSource::None,
+            };
+            let served = Served {
+                prompt_tokens,
+                cached_tokens: header(CACHED_TOKENS_HEADER).and_then(|text| text.parse().ok()).unwrap_or(0),
+                source,
+                peer: Some(peer.node_id.clone()),
+                slot: None,
+            };
+            let mut response = Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed());
+            response.extensions_mut().insert(served);
+            Some(response)
         }
         Ok(response) => {
             Counters::add(&app.counters.forwards_failed, 1);
+            trace::set(&call, || vec![KeyValue::new("http.response.status_code", i64::from(response.status().as_u16()))]);
+            trace::fail(&call, response.status().as_u16().to_string(), "the peer could not serve the request; served here");
             tracing::info!(peer.url = %peer.url, http.status = response.status().as_u16(), "peer could not serve a forwarded request; serving it here");
             None
         }
         Err(error) => {
             Counters::add(&app.counters.forwards_failed, 1);
+            trace::fail(&call, "peer_unreachable", error.clone());
             tracing::info!(peer.url = %peer.url, error = %error, "forward to a peer failed; serving the request here");
             None
         }
-    }
+    };
+    trace::end(&call);
+    answer
 }
 
 /// Returns whose cache a request uses: its tenant's own, or a shared namespace it names with

@@ -2,6 +2,7 @@
 //! every other request to the engine unchanged.
 
 mod body;
+mod observe;
 pub mod completion;
 mod passthrough;
 

@@ -514,6 +514,11 @@ impl Store {
         self.lock_state().bytes
     }
 
+    /// Returns the snapshots removed since start: evicted for room, and deleted as corrupt.
+    pub fn removal_counts(&self) -> (u64, u64) {
+        (self.evicted.load(Ordering::Relaxed), self.corrupt_deleted.load(Ordering::Relaxed))
+    }
+
     /// Returns the size of snapshot `id`, or None when it is not stored.
     pub fn size_of(&self, id: &Digest) -> Option<u64> {
         self.lock_state().entries.get(id).map(|entry| entry.bytes)
