@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything kvsidecar's tests and demo need, once, into a cache outside the clone:
-# Debian build tools, a Python virtual environment, llama-server built from the llama-cpp-python
-# source package, the generated test and demo models, and the WebAssembly targets for plugins. Safe to run again: finished steps are skipped.
+# Debian build tools and Prometheus, a Python virtual environment, llama-server built from the
+# llama-cpp-python source package, the generated test and demo models, and the WebAssembly targets
+# for plugins. Safe to run again: finished steps are skipped.
 #
 #   KVSIDECAR_CACHE  cache folder (default ~/.cache/kvsidecar)
 #
@@ -15,8 +16,9 @@ mkdir -p "$cache"
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-# Debian packages: a C++ toolchain and CMake for llama.cpp, libclang for the RocksDB bindings.
-packages=(cmake ninja-build clang libclang-dev build-essential)
+# Debian packages: a C++ toolchain and CMake for llama.cpp, libclang for the RocksDB bindings,
+# Prometheus and promtool for the metrics tests.
+packages=(cmake ninja-build clang libclang-dev build-essential prometheus)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -25,8 +27,37 @@ if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
   sudo_cmd=()
   [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+
+  # The prometheus package starts its service on installation, listening on port 9090 of every
+  # interface, but the tests start their own Prometheus on loopback. invoke-rc.d and
+  # deb-systemd-invoke skip a start when /usr/sbin/policy-rc.d exits 101, so such a file is put in
+  # place for the installation where none exists (containers often have one already).
+  policy=/usr/sbin/policy-rc.d
+  policy_added=false
+  if [[ ! -e "$policy" ]]; then
+    printf '#!/bin/sh\n# Denies service starts while kvsidecar setup.sh installs packages.\nexit 101\n' \
+      | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod 0755 "$policy"
+    policy_added=true
+    trap '"${sudo_cmd[@]}" rm -f "$policy"' EXIT
+  fi
   "${sudo_cmd[@]}" apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  if "$policy_added"; then
+    "${sudo_cmd[@]}" rm -f "$policy"
+    trap - EXIT
+  fi
+
+  # An existing policy-rc.d may allow the start, so a running service is stopped here. Under
+  # systemd it is also disabled, so it does not start at boot.
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    if [[ -d /run/systemd/system ]]; then
+      "${sudo_cmd[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1
+    elif "${sudo_cmd[@]}" /etc/init.d/prometheus status >/dev/null 2>&1; then
+      log "stopping the prometheus service that the package started"
+      "${sudo_cmd[@]}" /etc/init.d/prometheus stop >/dev/null
+    fi
+  fi
 fi
 
 # WebAssembly targets: plugins build for wasm32-unknown-unknown; one test plugin builds for

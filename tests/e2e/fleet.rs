@@ -88,7 +88,8 @@ async fn peer_api_requires_the_token() {
     let lowercase = format!("bearer {TOKEN}");
     let zeros = "0".repeat(64);
     let snapshot = format!("/peer/v1/snapshot?namespace={zeros}&block={zeros}");
-    let cases: [(&str, &str, &[(&str, &str)]); 11] = [
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 11] = [
         ("GET", "/peer/v1/info", &[]),
         ("GET", "/peer/v1/info", &[("authorization", wrong.as_str())]),
         ("GET", "/peer/v1/info", &[("authorization", short.as_str())]),

@@ -3,6 +3,12 @@
 //!
 //! The engine binary and the models come from `scripts/setup.sh`, found through the variables it
 //! prints (`KVSIDECAR_LLAMA_SERVER`, `KVSIDECAR_TINY_MODEL`, ...) or in its default cache folder.
+//!
+//! [`otlp`] receives the sidecar's OpenTelemetry exports, and [`prometheus`] scrapes its
+//! `/metrics` with a real Prometheus.
+
+pub mod otlp;
+pub mod prometheus;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
