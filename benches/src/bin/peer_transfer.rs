@@ -140,7 +140,7 @@ async fn pull_median(work: &Path, data_dir: &Path, compression: &str, level: u32
     let port = kvsidecar_tests::free_port();
     let settings = settings(data_dir, compression, level, port)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(kvsidecar::server::serve(settings.clone(), async move {
+    let server = tokio::spawn(kvsidecar::server::serve(settings.clone(), kvsidecar::telemetry::Telemetry::local(), async move {
         let _ = stopped.await;
     }));
     let client_dir = work.join("client");

@@ -44,7 +44,7 @@ async fn main() -> Result<()> {
     let mut engine_spec = ws.tiny_engine(ENGINE_SLOTS);
     engine_spec.context = 1024 * ENGINE_SLOTS;
     let engine = Engine::start(&engine_spec, &ws.logs()).await?;
-    let collector = OtlpReceiver::grpc().await?;
+    let collector = OtlpReceiver::grpc()?;
     let setups = [
         Setup { name: "telemetry off", sampling: None },
         Setup { name: "OTLP traces + metrics, sampling 1", sampling: Some("1.0") },

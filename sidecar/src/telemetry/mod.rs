@@ -149,6 +149,16 @@ impl Telemetry {
         Ok(Arc::new(Telemetry { tracer_provider, meter_provider, scrape, counters, runtime: Mutex::new(runtime) }))
     }
 
+    /// Returns pipelines that export nothing and leave the process's tracer and instruments
+    /// alone, for sidecars run inside another program (benchmarks, for example). `/metrics`
+    /// still renders the observed counters.
+    pub fn local() -> Arc<Telemetry> {
+        let scrape = Arc::new(ManualReader::builder().build());
+        let meter_provider = SdkMeterProvider::builder().with_reader(SharedReader(scrape.clone())).build();
+        let tracer_provider = SdkTracerProvider::builder().with_sampler(Sampler::AlwaysOff).build();
+        Arc::new(Telemetry { tracer_provider, meter_provider, scrape: Some(scrape), counters: Arc::default(), runtime: Mutex::new(None) })
+    }
+
     /// Returns the meter provider, for callbacks that observe the sidecar's counters.
     pub fn meter_provider(&self) -> &SdkMeterProvider {
         &self.meter_provider

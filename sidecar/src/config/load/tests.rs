@@ -189,3 +189,32 @@ fn peer_settings_invalid_values_named() {
     assert_eq!(tls.peers.scheme(), "https");
     assert_eq!(tls.request.shared_namespaces, ["docs", "faq"]);
 }
+
+#[test]
+fn telemetry_settings_invalid_values_named() {
+    let cases: [(&[(&str, &str)], &str); 6] = [
+        (&[("KVSIDECAR_TELEMETRY_OTLP_ENDPOINT", "collector:4317")], "telemetry.otlp_endpoint"),
+        (&[("KVSIDECAR_TELEMETRY_OTLP_ENDPOINT", "https://collector:4317")], "telemetry.otlp_endpoint"),
+        (&[("KVSIDECAR_TELEMETRY_OTLP_PROTOCOL", "thrift")], "telemetry.otlp_protocol"),
+        (&[("KVSIDECAR_TELEMETRY_SAMPLING_RATIO", "1.5")], "telemetry.sampling_ratio"),
+        (&[("KVSIDECAR_TELEMETRY_OTLP_HEADERS", "no-equals-sign")], "telemetry.otlp_headers"),
+        (&[("KVSIDECAR_TELEMETRY_METRICS_INTERVAL", "100ms")], "telemetry.metrics_interval"),
+    ];
+    for (variables, path) in cases {
+        let found = issues(load(&Overrides::default(), env(variables)));
+        assert!(found.iter().any(|issue| issue.path == path), "{variables:?}: {found:?}");
+    }
+    let valid = load(
+        &Overrides::default(),
+        env(&[
+            ("KVSIDECAR_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("KVSIDECAR_TELEMETRY_OTLP_PROTOCOL", "http"),
+            ("KVSIDECAR_TELEMETRY_OTLP_HEADERS", "authorization=Bearer abc"),
+            ("KVSIDECAR_TELEMETRY_SAMPLING_RATIO", "0.01"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(valid.telemetry.otlp_protocol, crate::config::OtlpProtocol::Http);
+    assert_eq!(valid.telemetry.otlp_headers, ["authorization=Bearer abc"]);
+    assert_eq!(valid.telemetry.sampling_ratio, 0.01);
+}
