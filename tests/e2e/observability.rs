@@ -1,6 +1,6 @@
 //! Traces and metrics as an observability stack receives them: spans decoded by an in-process
 //! OTLP collector (gRPC and HTTP), `/metrics` scraped by a real Prometheus server and checked by
-//! promtool, and exports to a collector that is down or never answers.
+//! promtool, and exports to a collector that is down or never responds.
 
 use std::time::Duration;
 
@@ -129,7 +129,7 @@ async fn forwarded_request_is_one_trace() {
     let b = Sidecar::start(&member(&engines[1], "b", port_b, port_a, "always"), &ws.logs()).await.unwrap();
     let prompt = kvsidecar_tests::tokens(41, 512);
     complete(&a, &prompt, &[]).await;
-    // B forwards once its view of A's slot holds the prompt.
+    // B forwards once its view of A's slot contains the prompt.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let peers = get(&format!("{}/admin/peers", b.admin_url)).await.unwrap().json();
@@ -206,7 +206,7 @@ async fn collector_down_drops_and_counts() {
 async fn prometheus_scrapes_and_promtool_passes() {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await.unwrap();
-    // A fleet member with a peer that never answers, so peer metrics have a series too.
+    // A fleet member with a peer that never responds, so peer metrics have a series too.
     let [port, silent] = free_ports::<2>();
     let sidecar = Sidecar::start(&kvsidecar_tests::fleet_member(&ws, &engine, "a", port, &[silent]), &ws.logs()).await.unwrap();
     let prompt = kvsidecar_tests::tokens(51, 300);

@@ -1,6 +1,6 @@
 //! Throughput and latency of the sidecar with telemetry off, and with traces and metrics exported
 //! over OTLP at sampling ratios 1 and 0.01. Closed-loop clients send short completions (fresh
-//! prompts, one generated token) through the sidecar to a tiny llama-server; the OTLP receiver is
+//! prompts, one generated token) through the sidecar to a tiny llama-server. The OTLP receiver is
 //! an in-process gRPC collector that decodes and keeps what it receives.
 //!
 //! The three setups run in turns, several rounds, and each result is the median over its rounds,

@@ -1,6 +1,7 @@
-//! A completion response as the client receives it: the body passes through unchanged, while
-//! the time of its first frame and the engine's token counts (the `usage` and `timings` objects
-//! of a JSON body or of a stream's events) are noted for the metrics, the span and the ledger.
+//! A completion response as the client receives it. The body passes through unchanged. The time
+//! of its first frame and the engine's token counts are noted for the metrics, the span and the
+//! ledger; the counts come from the `usage` and `timings` objects of a JSON body or of a stream's
+//! events.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,7 +14,7 @@ use serde_json::Value;
 use super::ResponseBody;
 use crate::engine::http_client::BoxError;
 
-/// Longest stream line kept for parsing; a longer one holds no usage figures worth its memory.
+/// Maximum stream line kept for parsing. A longer line is skipped, because usage events are short.
 const MAX_LINE: usize = 1 << 20;
 /// Largest JSON body kept for parsing.
 const MAX_DOCUMENT: usize = 16 << 20;
@@ -60,7 +61,7 @@ impl Usage {
     }
 }
 
-/// How the body ended.
+/// The end of a response body.
 #[derive(Debug, Clone, Copy)]
 pub struct Ending {
     /// Every frame reached the client.
@@ -151,7 +152,7 @@ pub struct ObservedBody {
 }
 
 impl ObservedBody {
-    /// Wraps `inner`; `events` says whether it is a stream of server-sent events.
+    /// Wraps `inner`. `events` is true for a stream of server-sent events.
     pub fn new(inner: ResponseBody, events: bool, on_end: impl FnOnce(Ending) + Send + Sync + 'static) -> ObservedBody {
         let scanner = if events { Scanner::Events { line: Vec::new(), skipping: false } } else { Scanner::Document { bytes: Vec::new(), overflow: false } };
         ObservedBody { inner, scanner, usage: Usage::default(), first_frame: None, on_end: Some(Box::new(on_end)) }

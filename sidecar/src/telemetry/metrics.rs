@@ -1,5 +1,5 @@
 //! The sidecar's metrics. Counters and gauges are read from the sidecar's own counters when a
-//! reader collects, so requests pay nothing for them; durations are histograms recorded as they
+//! reader collects, so requests pay nothing for them. Durations are histograms, recorded as they
 //! happen. docs/observability.md lists every metric with its Prometheus name.
 
 use std::sync::atomic::Ordering;

@@ -38,7 +38,7 @@ pub struct ExportCounters {
     pub spans_exported: AtomicU64,
     /// Spans dropped because the export queue was full.
     pub spans_dropped_queue_full: AtomicU64,
-    /// Spans dropped because the collector refused them, failed or did not answer in time.
+    /// Spans dropped because the collector rejected them, failed or did not respond in time.
     pub spans_dropped_export_failed: AtomicU64,
     pub metric_exports_failed: AtomicU64,
 }
@@ -60,7 +60,7 @@ pub struct Telemetry {
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
 }
 
-/// What request code reaches without a handle: the tracer and the instruments.
+/// The tracer and the instruments, which request code reaches without a handle.
 struct Handles {
     tracer: SdkTracer,
     instruments: Instruments,

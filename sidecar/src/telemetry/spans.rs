@@ -16,16 +16,16 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::ExportCounters;
 
-/// Most spans in one export request.
+/// Maximum spans in one export request.
 const MAX_BATCH: usize = 512;
-/// Longest time a finished span waits for its batch to fill.
+/// Maximum time a finished span waits for its batch to fill.
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 /// Shortest time between two warnings about failed exports.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 enum Message {
     Span(Box<SpanData>),
-    /// Export everything queued before this message, then answer.
+    /// Export everything queued before this message, then reply.
     Flush(oneshot::Sender<()>),
 }
 

@@ -41,7 +41,8 @@ pub fn trace_id(cx: &Context) -> String {
     cx.span().span_context().trace_id().to_string()
 }
 
-/// Whether the span in `cx` records; attributes of a span that does not are not worth building.
+/// Returns whether the span in `cx` records. Attributes of a span that does not record are not
+/// worth building.
 pub fn recording(cx: &Context) -> bool {
     cx.span().is_recording()
 }
