@@ -13,13 +13,15 @@ use super::{
     PluginConfig, PluginsConfig, PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig,
 };
 
+mod ledger;
+
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "KVSIDECAR_";
 
-const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins", "peers"];
+const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins", "peers", "ledger"];
 
 /// Tables inside a section whose keys are read one by one, as `plugins.router.file`.
-const SUBSECTIONS: &[&str] = &["plugins.router", "plugins.evictor", "plugins.admission"];
+const SUBSECTIONS: &[&str] = &["plugins.router", "plugins.evictor", "plugins.admission", "ledger.price"];
 
 /// `KVSIDECAR_*` variables that are not configuration keys: the project's setup and test
 /// scripts set them.
@@ -287,7 +289,8 @@ impl Sources {
             tls_ca_file: r.get("peers.tls_ca_file", Optional::<PathBuf>(None)).0,
             tls_server_name: r.get("peers.tls_server_name", Optional::<String>(None)).0,
         };
-        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers };
+        let ledger = r.ledger();
+        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers, ledger };
 
         for (path, (value, origin)) in &self.values {
             if !used.contains(path) {
@@ -405,6 +408,9 @@ impl Sources {
         if !valid_log_filter(&config.log.level) {
             fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
         }
+        for (path, value, rule) in ledger::check(config) {
+            fail(self, path, value, rule);
+        }
     }
 }
 
@@ -435,6 +441,9 @@ fn default_plugin_dir() -> PathBuf {
 
 fn known_keys_rule(path: &str) -> String {
     let section = path.split('.').next().unwrap_or_default();
+    if let Some(rule) = ledger::unknown_key_rule(path) {
+        return rule;
+    }
     if let Some(subsection) = SUBSECTIONS.iter().find(|sub| path.strip_prefix(*sub).is_some_and(|tail| tail.starts_with('.'))) {
         return format!("unknown key in [{subsection}]; its keys are file, on_failure and config, and the plugin's own settings go in [{subsection}.config]");
     }

@@ -4,6 +4,7 @@
 //! variables named `KVSIDECAR_<SECTION>_<KEY>`, and command-line flags. `load` reads all of them and
 //! reports every invalid key at once.
 
+mod ledger;
 mod load;
 mod render;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use load::{ConfigError, ConfigIssue, Overrides, load, plugin_table};
 pub use bytesize::ByteSize;
+pub use ledger::{LedgerConfig, Micros, Price};
 
 /// The whole configuration, one field per TOML section.
 #[derive(Debug, Clone)]
@@ -27,6 +29,7 @@ pub struct Config {
     pub log: LogConfig,
     pub plugins: PluginsConfig,
     pub peers: PeersConfig,
+    pub ledger: LedgerConfig,
 }
 
 /// Other sidecars of the fleet, and this sidecar's peer API.

@@ -686,7 +686,7 @@ fn forwarded_tenant(app: &App, headers: &http::HeaderMap) -> Result<String, ApiE
     tenant_in(app, headers, &http::HeaderName::from_static(crate::peer::forward::TENANT_HEADER))
 }
 
-fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
     tenant_in(app, headers, &app.config.request.tenant_header)
 }
 
