@@ -1,5 +1,5 @@
 //! The admin API, served on its own listener (loopback by default): stored snapshots, counters,
-//! the engine's fingerprint inputs, and the policy plugins.
+//! the engine's fingerprint inputs, the policy plugins, and the ledger's top tasks.
 
 use std::sync::Arc;
 
@@ -23,6 +23,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         ("GET", "/admin/plugins") => json_response(StatusCode::OK, &app.plugins.describe()),
         ("GET", "/admin/peers") => peers(&app),
         ("GET", "/metrics") => metrics(&app).await,
+        ("GET", "/admin/tasks") => crate::ledger::endpoints::admin_tasks(&app, request.uri().query()).await,
         (_, "/admin/plugins/reload") => with_allow(
             json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -32,7 +33,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
         ),
         ("GET", _) => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots, /admin/plugins, /admin/peers or /metrics"), "code": "not_found"}}),
+            &json!({"error": {"message": format!("no admin endpoint {path}; try /admin/stats, /admin/snapshots, /admin/plugins, /admin/peers, /admin/tasks or /metrics"), "code": "not_found"}}),
         ),
         _ => with_allow(
             json_response(

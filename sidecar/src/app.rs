@@ -13,6 +13,7 @@ use crate::peer::Fleet;
 use crate::plugin::Plugins;
 use crate::engine::{Engine, EngineInfo};
 use crate::error::ApiError;
+use crate::ledger::Ledger;
 use crate::slots::Slots;
 use crate::store::Store;
 use crate::telemetry::Telemetry;
@@ -170,6 +171,8 @@ pub struct App {
     /// This sidecar's fleet membership; None on a single node.
     pub fleet: Option<Arc<Fleet>>,
     pub telemetry: Arc<Telemetry>,
+    /// The cost-per-task ledger; None when `ledger.enabled` is false.
+    pub ledger: Option<Arc<Ledger>>,
     ready: ArcSwapOption<Ready>,
     /// Reason the engine is not ready, for `/readyz` and error responses.
     not_ready: ArcSwapOption<NotReady>,
@@ -194,6 +197,7 @@ impl App {
             costs,
             fleet,
             telemetry,
+            ledger: None,
             ready: ArcSwapOption::empty(),
             not_ready: ArcSwapOption::from_pointee(NotReady { reason: "engine not probed yet".into(), unreachable: false }),
             counters: Counters::default(),

@@ -21,6 +21,41 @@ pub enum Command {
     /// Write, build and check policy plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print the tasks of a running sidecar that cost the most, with their tokens and costs.
+    Tasks(TasksArgs),
+}
+
+/// Options of `kvsidecar tasks`.
+#[derive(Debug, Args, Clone)]
+pub struct TasksArgs {
+    /// Print this many tasks, from 1 to 10000, the highest ranked first.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub top: u32,
+    /// Rank tasks by cost as served, cost saved by the cache, number of requests, or time of the
+    /// last request.
+    #[arg(long, value_enum, default_value = "cost")]
+    pub by: crate::ledger::TopBy,
+    /// Print the admin API's JSON response instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Base URL of the sidecar's admin API, such as http://127.0.0.1:9090 (default: from
+    /// server.admin_listen of the configuration, with 0.0.0.0 read as 127.0.0.1).
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// Read the configuration from this TOML file, as `kvsidecar serve --config` does.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Ask the sidecar whose admin API listens on this address (server.admin_listen, default
+    /// 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+}
+
+impl TasksArgs {
+    /// Returns the configuration sources that `serve` would read for these options.
+    pub fn overrides(&self) -> crate::config::Overrides {
+        crate::config::Overrides { config_file: self.config.clone(), admin_listen: self.admin_listen.clone(), ..Default::default() }
+    }
 }
 
 /// The kinds of policy plugin, as `--kind` spells them.

@@ -15,6 +15,7 @@
 //! | restore a stored snapshot | [`restore`], [`store`] |
 //! | forward and stream back | `proxy::completion` |
 //! | snapshot the slot afterwards | the admission policy of [`plugin`], [`snapshot`], [`store`] (evicting through the evictor of [`plugin`]) |
+//! | record tokens and costs per task | [`ledger`] |
 //!
 //! Around them: [`config`] and [`cli`] for start-up, [`monitor`] for engine readiness and
 //! restarts, [`admin`] for the loopback admin API, [`app`] for shared state, [`costs`] for the
@@ -28,6 +29,7 @@ pub mod config;
 pub mod costs;
 pub mod engine;
 pub mod error;
+pub mod ledger;
 pub mod monitor;
 pub mod peer;
 pub mod plugin;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kvsidecar::cli::{Cli, Command, PluginCommand, PluginKindArg};
+use kvsidecar::cli::{Cli, Command, PluginCommand, PluginKindArg, TasksArgs};
 use kvsidecar::plugin::{Kind, tool};
 use kvsidecar::config::{self, Config};
 
@@ -22,6 +22,37 @@ fn main() -> ExitCode {
             None => ExitCode::from(2),
         },
         Command::Plugin(command) => plugin(command),
+        Command::Tasks(args) => tasks(args),
+    }
+}
+
+fn tasks(args: TasksArgs) -> ExitCode {
+    let url = match &args.admin {
+        Some(url) => url.clone(),
+        None => match config::load(&args.overrides(), std::env::vars()) {
+            Ok(config) => kvsidecar::ledger::command::admin_url(config.server.admin_listen),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kvsidecar::ledger::command::run(&url, args.top, args.by, args.json)) {
+        Ok(output) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::peer::index::FleetIndex;
 use crate::peer::journal::Journal;
 use crate::peer::{self, Fleet, Identity, PeerTable, Token};
 use crate::plugin::{self, Plugins};
+use crate::ledger::Ledger;
 use crate::store::Store;
 use crate::telemetry::Telemetry;
 use crate::{admin, monitor, proxy};
@@ -32,6 +33,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, what: &'static str, flag: &'static str, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("{0}\nhint: fix or move the folder, or set ledger.enabled = false to serve without the cost ledger")]
+    Ledger(#[from] crate::ledger::LedgerError),
     #[error("failed to create the slot folder {path}: {source}")]
     SlotDir { path: String, source: std::io::Error },
     #[error("{0}\nhint: build or fix the component, point plugins.{kind}.file at another one (an absolute path, or one in plugins.dir), or set it to \"builtin\"", kind = .0.kind)]
@@ -53,6 +56,7 @@ pub async fn serve(config: Config, telemetry: Arc<Telemetry>, shutdown: impl Fut
     let plugins = Arc::new(plugins);
     let costs = Arc::new(Costs::default());
     plugins.evictor.attach(&store, costs.clone());
+    let ledger = if config.ledger.enabled { Some(Arc::new(Ledger::open(&config.ledger, &config.store.data_dir, costs.clone())?)) } else { None };
     let client_listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.server.listen, what: "client API", flag: "--listen", source })?;
@@ -82,7 +86,9 @@ pub async fn serve(config: Config, telemetry: Arc<Telemetry>, shutdown: impl Fut
     let engine = Arc::new(LlamaCpp::new(&config.engine));
     let grace = config.server.shutdown_grace;
     let watch_plugins = config.plugins.watch;
-    let app = Arc::new(App::new(config, engine, store.clone(), plugins.clone(), costs, fleet.clone(), telemetry.clone()));
+    let mut app = App::new(config, engine, store.clone(), plugins.clone(), costs, fleet.clone(), telemetry.clone());
+    app.ledger = ledger.clone();
+    let app = Arc::new(app);
     crate::telemetry::metrics::observe(telemetry.meter_provider(), &app, &telemetry.counters);
     let watcher = if watch_plugins { plugin::watch(plugins) } else { None };
     let (stop_sender, stop) = watch::channel(false);
@@ -133,6 +139,13 @@ pub async fn serve(config: Config, telemetry: Arc<Telemetry>, shutdown: impl Fut
     }
     if let Err(error) = tokio::task::spawn_blocking(move || store.flush_access()).await {
         tracing::warn!(error = %error, "failed to write the last access records");
+    }
+    if let Some(ledger) = ledger {
+        match tokio::task::spawn_blocking(move || ledger.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(error = %error, "failed to write the last ledger records"),
+            Err(error) => tracing::error!(error = %error, "ledger flush task failed"),
+        }
     }
     tracing::info!("kvsidecar stopped");
     Ok(())

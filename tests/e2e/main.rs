@@ -7,6 +7,7 @@ mod cli;
 mod eviction;
 mod fleet;
 mod fleet_transfer;
+mod ledger;
 mod observability;
 mod harness;
 mod openai_sdk;

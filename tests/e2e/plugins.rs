@@ -15,7 +15,7 @@ async fn complete(sidecar: &Sidecar, prompt: &[u32], task: Option<&str>) -> Repl
     let body = json!({"prompt": prompt, "n_predict": 1, "temperature": 0.0});
     let mut headers = vec![("content-type", "application/json")];
     if let Some(task) = task {
-        headers.push(("x-kvsidecar-task-id", task));
+        headers.push(("x-task-id", task));
     }
     send(http::Method::POST, &format!("{}/completion", sidecar.url), body.to_string().into(), &headers).await.expect("completion request")
 }

@@ -13,13 +13,15 @@ use super::{
     PluginConfig, PluginsConfig, PrefixConfig, RequestConfig, ServerConfig, SnapshotConfig, StoreConfig, TelemetryConfig,
 };
 
+mod ledger;
+
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "KVSIDECAR_";
 
-const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins", "peers", "telemetry"];
+const SECTIONS: &[&str] = &["server", "engine", "request", "prefix", "store", "snapshot", "log", "plugins", "peers", "telemetry", "ledger"];
 
 /// Tables inside a section whose keys are read one by one, as `plugins.router.file`.
-const SUBSECTIONS: &[&str] = &["plugins.router", "plugins.evictor", "plugins.admission"];
+const SUBSECTIONS: &[&str] = &["plugins.router", "plugins.evictor", "plugins.admission", "ledger.price"];
 
 /// `KVSIDECAR_*` variables that are not configuration keys: the project's setup and test
 /// scripts set them.
@@ -300,7 +302,8 @@ impl Sources {
             metrics_interval: r.get("telemetry.metrics_interval", Duration::from_secs(15)),
             prometheus: r.get("telemetry.prometheus", true),
         };
-        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers, telemetry };
+        let ledger = r.ledger();
+        let config = Config { server, engine, request, prefix, store, snapshot, log, plugins, peers, telemetry, ledger };
 
         for (path, (value, origin)) in &self.values {
             if !used.contains(path) {
@@ -448,6 +451,9 @@ impl Sources {
         if !valid_log_filter(&config.log.level) {
             fail(self, "log.level", format!("{:?}", config.log.level), "must be a tracing filter such as \"info\" or \"kvsidecar=debug,info\"");
         }
+        for (path, value, rule) in ledger::check(config) {
+            fail(self, path, value, rule);
+        }
     }
 }
 
@@ -478,6 +484,9 @@ fn default_plugin_dir() -> PathBuf {
 
 fn known_keys_rule(path: &str) -> String {
     let section = path.split('.').next().unwrap_or_default();
+    if let Some(rule) = ledger::unknown_key_rule(path) {
+        return rule;
+    }
     if let Some(subsection) = SUBSECTIONS.iter().find(|sub| path.strip_prefix(*sub).is_some_and(|tail| tail.starts_with('.'))) {
         return format!("unknown key in [{subsection}]; its keys are file, on_failure and config, and the plugin's own settings go in [{subsection}.config]");
     }

@@ -4,6 +4,7 @@
 //! variables named `KVSIDECAR_<SECTION>_<KEY>`, and command-line flags. `load` reads all of them and
 //! reports every invalid key at once.
 
+mod ledger;
 mod load;
 mod render;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use load::{ConfigError, ConfigIssue, Overrides, load, plugin_table};
 pub use bytesize::ByteSize;
+pub use ledger::{LedgerConfig, Micros, Price};
 
 /// The whole configuration, one field per TOML section.
 #[derive(Debug, Clone)]
@@ -28,6 +30,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub peers: PeersConfig,
     pub telemetry: TelemetryConfig,
+    pub ledger: LedgerConfig,
 }
 
 /// Traces and metrics: the OTLP exporter and the Prometheus endpoint.

@@ -155,6 +155,19 @@ impl Config {
             ("metrics_interval", duration(telemetry.metrics_interval)),
             ("prometheus", Value::Boolean(telemetry.prometheus)),
         ]));
+        let mut ledger = vec![
+            ("enabled", Value::Boolean(self.ledger.enabled)),
+            ("task_header", text(&self.ledger.task_header)),
+            ("retention", duration(self.ledger.retention)),
+            ("currency", text(&self.ledger.currency)),
+            ("max_requests_per_task", Value::Integer(i64::from(self.ledger.max_requests_per_task))),
+        ];
+        if let Some(price) = &self.ledger.price {
+            ledger.push(("price", Value::Table(super::ledger::price_table(price))));
+        }
+        let models = self.ledger.models.iter().map(|(model, price)| (model.clone(), Value::Table(super::ledger::price_table(price)))).collect();
+        ledger.push(("models", Value::Table(models)));
+        root.insert("ledger".into(), section(ledger));
         toml::to_string(&root).unwrap_or_default()
     }
 }

@@ -41,11 +41,10 @@ pub async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Respon
 }
 
 /// Client headers a forwarded request keeps: those the completion path reads, except the tenant
-/// header, which `TENANT_HEADER` replaces, and the trace context, which the forward's own span
-/// replaces.
+/// header, which `TENANT_HEADER` replaces, the trace context, which the forward's own span
+/// replaces, and the task header, which `send` copies because its name is configured.
 fn kept_headers(from: &HeaderMap, into: &mut HeaderMap) {
     let names = [
-        crate::proxy::completion::TASK_HEADER,
         crate::proxy::completion::NAMESPACE_HEADER,
         "accept",
     ];
@@ -72,6 +71,10 @@ pub async fn send(app: &App, fleet: &Fleet, url: &str, endpoint: Endpoint, heade
         .body(full_body(body))
         .map_err(|error| format!("invalid peer URL {url}: {error}"))?;
     kept_headers(headers, request.headers_mut());
+    let task = &app.config.ledger.task_header;
+    for value in headers.get_all(task) {
+        request.headers_mut().append(task.clone(), value.clone());
+    }
     let within = app.config.peers.forward_timeout;
     tokio::time::timeout(within, fleet.send(request)).await.map_err(|_| format!("no response head within {}", humantime::format_duration(within)))?
 }

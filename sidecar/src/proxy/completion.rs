@@ -54,10 +54,20 @@ async fn handle_from(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoi
     let attributes = server_attributes(&request, &route, endpoint, forwarded);
     let cx = trace::start(format!("POST {route}"), SpanKind::Server, &parent, attributes);
     let log_span = tracing::info_span!("request", trace_id = %trace::trace_id(&cx));
-    let pending = Pending { app: app.clone(), cx: cx.clone(), log_span: log_span.clone(), started, forwarded, done: false };
+    let mut pending = Pending { app: app.clone(), cx: cx.clone(), log_span: log_span.clone(), started, forwarded, task: None, done: false };
+    let task = match crate::ledger::task_id(request.headers(), &app.config.ledger) {
+        Ok(task) => task,
+        Err(error) => {
+            let error = ApiError::from(error);
+            pending.rejected(&error);
+            return error.into_response();
+        }
+    };
+    trace::set(&cx, || vec![KeyValue::new("kvsidecar.task.id", task.as_str().to_string())]);
+    pending.task = Some(task.clone());
 
     let served_by = app.fleet.as_ref().map(|fleet| HeaderValue::from_str(&fleet.identity.node_id).unwrap_or(HeaderValue::from_static("")));
-    let mut response = match serve(&app, request, endpoint, forwarded).with_context(cx).instrument(log_span.clone()).await {
+    let mut response = match serve(&app, request, endpoint, forwarded, &task).with_context(cx).instrument(log_span.clone()).await {
         Ok(response) => response,
         Err(error) => {
             let _entered = log_span.enter();
@@ -75,6 +85,10 @@ async fn handle_from(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoi
     if let Some(node) = served_by {
         // A forwarded response already names the peer that served it.
         response.headers_mut().entry(crate::peer::forward::SERVED_BY_HEADER).or_insert(node);
+    }
+    // The client learns the task its request counts in, generated or not.
+    if let Ok(value) = HeaderValue::from_str(task.as_str()) {
+        response.headers_mut().insert(app.config.ledger.task_header.clone(), value);
     }
     let served = response.extensions_mut().remove::<Served>();
     let events = response.headers().get(http::header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).is_some_and(|value| value.starts_with("text/event-stream"));
@@ -127,6 +141,8 @@ struct Served {
     /// Node id of the peer that served the request; None when this node's engine did.
     peer: Option<String>,
     slot: Option<u32>,
+    tenant: String,
+    model: String,
 }
 
 /// A request between its arrival and the end of its response. Dropped before either (the client
@@ -138,6 +154,8 @@ struct Pending {
     started: Instant,
     /// Whether a peer forwarded the request: the peer counts it, its time and its cost.
     forwarded: bool,
+    /// The task the ledger records the request in; None until the task header is read.
+    task: Option<crate::ledger::TaskId>,
     done: bool,
 }
 
@@ -166,7 +184,15 @@ impl Pending {
         let _entered = self.log_span.enter();
         let app = &self.app;
         let usage = ending.usage;
-        let served = served.unwrap_or(Served { prompt_tokens: 0, cached_tokens: 0, source: CacheSource::None, peer: None, slot: None });
+        let served = served.unwrap_or_else(|| Served {
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            source: CacheSource::None,
+            peer: None,
+            slot: None,
+            tenant: app.config.request.default_tenant.clone(),
+            model: String::new(),
+        });
         let prompt = usage.prompt_tokens.unwrap_or(served.prompt_tokens);
         // The engine's own count is the truth; the plan is the fallback when it reported none.
         let cached = usage.cached_tokens.unwrap_or(served.cached_tokens).min(prompt);
@@ -178,6 +204,23 @@ impl Pending {
             record(app, source, prompt, cached, output);
         }
         let ttft = time_to_first_token(self.started, &ending, events);
+        // The node the client called records the request's cost; a peer that served it does not.
+        if let (false, Some(ledger), Some(task)) = (self.forwarded, &app.ledger, self.task.take()) {
+            ledger.record(crate::ledger::RequestRecord {
+                tenant: served.tenant.clone(),
+                task,
+                model: served.model.clone(),
+                unix_ms: crate::store::now_ms(),
+                cache_source: source,
+                served_by: served.peer.clone(),
+                prompt_tokens: prompt,
+                cached_tokens: cached,
+                output_tokens: output,
+                ttft: ttft.unwrap_or_else(|| ending.ended.duration_since(self.started)),
+                prefill_ms: usage.prompt_ms,
+                decode_ms: usage.generation_ms,
+            });
+        }
         if !self.forwarded {
             Counters::add(if ending.completed { &app.counters.completed } else { &app.counters.aborted }, 1);
             let instruments = telemetry::instruments();
@@ -271,9 +314,6 @@ enum KvSource {
     Builtin,
 }
 
-/// Header with the client's task or session id, passed to the router.
-pub const TASK_HEADER: &str = "x-kvsidecar-task-id";
-
 /// A peer as a routing candidate: its load and URL, and its longest prefix of the prompt in its
 /// store (which a pull can bring here) and in its engine slots.
 struct PeerOption {
@@ -312,7 +352,7 @@ fn peer_options(app: &App, ready: &Ready, hashes: &[crate::prefix::Digest]) -> V
 async fn route(
     app: &App,
     ready: &Ready,
-    headers: &http::HeaderMap,
+    task: &crate::ledger::TaskId,
     parsed: &CompletionRequest,
     tokens: &[u32],
     namespace: &Namespace,
@@ -398,7 +438,8 @@ async fn route(
             });
         }
     }
-    let task_id = headers.get(TASK_HEADER).and_then(|value| value.to_str().ok()).filter(|text| text.len() <= 256).map(str::to_string);
+    // A generated id names a one-request task, which tells the router nothing.
+    let task_id = (!task.is_generated()).then(|| task.as_str().to_string());
     let request = RouteRequest {
         namespace: namespace.0.to_hex(),
         prompt_tokens: tokens.len() as u32,
@@ -463,7 +504,7 @@ struct Plan {
     stored: usize,
 }
 
-async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, forwarded: bool) -> Result<Response<ResponseBody>, ApiError> {
+async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, forwarded: bool, task: &crate::ledger::TaskId) -> Result<Response<ResponseBody>, ApiError> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
 
@@ -490,7 +531,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     }
     let tenant = if forwarded { forwarded_tenant(app, &parts.headers)? } else { tenant_of(app, &parts.headers)? };
     if !parsed.single_prompt {
-        return forward_uncached(app, parsed).await;
+        return forward_uncached(app, parsed, tenant).await;
     }
 
     // Prefix: the engine's own tokens, hashed in chained blocks under the request's namespace.
@@ -522,14 +563,14 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     let peers = if forwarded || parsed.requested_slot.is_some() || !snapshots_enabled { Vec::new() } else { peer_options(app, &ready, &hashes) };
     let (slot, kv) = match parsed.requested_slot {
         Some(slot) => (slot, KvSource::Builtin),
-        None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &peers).await? {
+        None => match route(app, &ready, task, &parsed, &tokens, &namespace, &tenant, stored, &peers).await? {
             Routed::Local { slot, kv } => (slot, kv),
             Routed::Forward(number) => {
                 let peer = &peers[number].load;
-                match forward_to_peer(app, peer, endpoint, &parts.headers, &tenant, bytes.clone(), tokens.len() as u64).await {
+                match forward_to_peer(app, peer, endpoint, &parts.headers, &tenant, bytes.clone(), tokens.len() as u64, &model).await {
                     Some(response) => return Ok(response),
                     // Served here, as the router would have chosen among this node's slots.
-                    None => match route(app, &ready, &parts.headers, &parsed, &tokens, &namespace, &tenant, stored, &[]).await? {
+                    None => match route(app, &ready, task, &parsed, &tokens, &namespace, &tenant, stored, &[]).await? {
                         Routed::Local { slot, kv } => (slot, kv),
                         Routed::Forward(_) => return Err(ApiError::internal("the router chose a peer among none".into())),
                     },
@@ -600,6 +641,7 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     if cached == 0 {
         source = CacheSource::None;
     }
+    let served_for = (tenant.clone(), model);
     let plan = Plan { tokens, namespace, tenant, source, cached, stored };
     if app.config.log.log_prompts {
         tracing::debug!(slot, tokens = ?plan.tokens, "prompt tokens");
@@ -608,10 +650,11 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
 
     // Forward, pinned to the slot.
     app.engine.pin_to_slot(&mut parsed.body, slot);
-    forward(app, InFlight::new(app, ready, lease, plan), parsed, &model).await
+    forward(app, InFlight::new(app, ready, lease, plan), parsed, served_for).await
 }
 
-async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest, model: &str) -> Result<Response<ResponseBody>, ApiError> {
+/// Sends the planned request to the engine. `(tenant, model)` are the request's, for its end.
+async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest, (tenant, model): (String, String)) -> Result<Response<ResponseBody>, ApiError> {
     let plan = in_flight.summary();
     // The engine call is a GenAI client span; its end is the end of the engine's response.
     let engine = app.engine.client().base();
@@ -621,7 +664,7 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest,
         &Context::current(),
         vec![
             KeyValue::new("gen_ai.operation.name", operation(parsed.endpoint)),
-            KeyValue::new("gen_ai.request.model", model.to_string()),
+            KeyValue::new("gen_ai.request.model", model.clone()),
             KeyValue::new("gen_ai.provider.name", "llama.cpp"),
             KeyValue::new("server.address", engine.host().unwrap_or_default().to_string()),
             KeyValue::new("server.port", i64::from(engine.port_u16().unwrap_or(80))),
@@ -648,7 +691,15 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest,
     strip_hop_by_hop(&mut head.headers);
     let success = head.status.is_success();
     trace::set(&call, || vec![KeyValue::new("http.response.status_code", i64::from(head.status.as_u16()))]);
-    let served = |source: CacheSource, cached: u32| Served { prompt_tokens: plan.prompt_tokens as u64, cached_tokens: u64::from(cached), source, peer: None, slot: Some(plan.slot) };
+    let served = move |source: CacheSource, cached: u32| Served {
+        prompt_tokens: plan.prompt_tokens as u64,
+        cached_tokens: u64::from(cached),
+        source,
+        peer: None,
+        slot: Some(plan.slot),
+        tenant: tenant.clone(),
+        model: model.clone(),
+    };
 
     if parsed.stream && success {
         // NOTE: stream headers leave before the engine reports its reuse, so they carry the
@@ -859,7 +910,7 @@ fn upstream_request(app: &App, parsed: &CompletionRequest) -> Result<Request<cra
 /// Forwards a batch of prompts without slot pinning or snapshots. The engine places the prompts
 /// in slots itself, so they must not reuse any slot's prefix, and the slots' contents become
 /// unknown.
-async fn forward_uncached(app: &App, mut parsed: CompletionRequest) -> Result<Response<ResponseBody>, ApiError> {
+async fn forward_uncached(app: &App, mut parsed: CompletionRequest, tenant: String) -> Result<Response<ResponseBody>, ApiError> {
     disable_prompt_cache(&mut parsed.body);
     if let Some(ready) = app.ready() {
         ready.slots.set_all_foreign();
@@ -868,7 +919,10 @@ async fn forward_uncached(app: &App, mut parsed: CompletionRequest) -> Result<Re
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     set_cache_headers(&mut head.headers, CacheSource::None, 0);
-    Ok(Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed()))
+    let model = parsed.model.clone().or_else(|| app.ready().map(|ready| ready.info.model_id.clone())).unwrap_or_default();
+    let mut response = Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed());
+    response.extensions_mut().insert(Served { prompt_tokens: 0, cached_tokens: 0, source: CacheSource::None, peer: None, slot: None, tenant, model });
+    Ok(response)
 }
 
 /// Makes the engine compute the whole prompt instead of reusing its slot's prefix.
@@ -898,7 +952,7 @@ fn check_model(app: &App, ready: &Ready, requested: Option<&str>) -> Result<(), 
 /// Forwards the request to `peer`. Returns its response when the peer took the request, or None
 /// when the forward failed before any byte reached the client, so the request is served here.
 #[allow(clippy::too_many_arguments)]
-async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endpoint, headers: &http::HeaderMap, tenant: &str, body: Bytes, prompt_tokens: u64) -> Option<Response<ResponseBody>> {
+async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endpoint, headers: &http::HeaderMap, tenant: &str, body: Bytes, prompt_tokens: u64, model: &str) -> Option<Response<ResponseBody>> {
     let fleet = app.fleet.as_ref()?;
     Counters::add(&app.counters.forwards, 1);
     // The span covers the forward until the peer's response head; the peer's own server span,
@@ -938,6 +992,8 @@ async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endp
                 source,
                 peer: Some(peer.node_id.clone()),
                 slot: None,
+                tenant: tenant.to_string(),
+                model: model.to_string(),
             };
             let mut response = Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed());
             response.extensions_mut().insert(served);
@@ -989,7 +1045,7 @@ fn forwarded_tenant(app: &App, headers: &http::HeaderMap) -> Result<String, ApiE
     tenant_in(app, headers, &http::HeaderName::from_static(crate::peer::forward::TENANT_HEADER))
 }
 
-fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn tenant_of(app: &App, headers: &http::HeaderMap) -> Result<String, ApiError> {
     tenant_in(app, headers, &app.config.request.tenant_header)
 }
 

@@ -44,6 +44,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Respo
     match (request.method(), path.as_str()) {
         (_, "/healthz") => health(),
         (_, "/readyz") => readiness(&app),
+        (_, path) if path.starts_with(crate::ledger::endpoints::TASK_PATH) || path == "/v1/tasks" => crate::ledger::endpoints::task(app, request, path).await,
         // The sidecar owns the engine's slots; a client saving, restoring or erasing one would
         // make the slot table wrong and could read another client's KV.
         (method, path) if method != http::Method::GET && path.starts_with("/slots") => ApiError::forbidden(

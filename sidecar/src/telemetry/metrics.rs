@@ -94,6 +94,7 @@ pub fn observe(provider: &SdkMeterProvider, app: &Arc<App>, exports: &Arc<Export
     observe_store(&meter, Arc::downgrade(app));
     observe_fleet(&meter, Arc::downgrade(app));
     observe_plugins(&meter, Arc::downgrade(app));
+    observe_ledger(&meter, Arc::downgrade(app));
     observe_exports(&meter, Arc::downgrade(exports));
 }
 
@@ -267,6 +268,42 @@ fn observe_plugins(meter: &Meter, app: Weak<App>) {
             .iter()
             .map(|figures| (1.0, vec![KeyValue::new("kind", figures.kind.as_str()), KeyValue::new("plugin", figures.name.clone()), KeyValue::new("version", figures.version.clone())]))
             .collect()
+    });
+}
+
+/// Pico-units (1e-12) per unit of currency.
+const PICO: f64 = 1e12;
+
+fn observe_ledger(meter: &Meter, app: Weak<App>) {
+    let Some(currency) = app.upgrade().filter(|app| app.ledger.is_some()).map(|app| app.config.ledger.currency.clone()) else { return };
+    let unit = format!("{{{currency}}}");
+    let costs: [(&'static str, &'static str, fn(&crate::ledger::Totals) -> f64); 3] = [
+        ("kvsidecar.cost.served", "Cost of the requests the ledger recorded, as served, in the ledger's currency.", |totals| totals.cost_served_pico as f64 / PICO),
+        ("kvsidecar.cost.uncached", "Cost the recorded requests would have had with nothing cached.", |totals| totals.cost_uncached_pico as f64 / PICO),
+        (
+            "kvsidecar.cost.saved",
+            "Cost saved by the cache: uncached minus served. It only grows while no cached-token price is above the input price.",
+            |totals| totals.cost_uncached_pico.saturating_sub(totals.cost_served_pico) as f64 / PICO,
+        ),
+    ];
+    for (name, description, read) in costs {
+        let from = app.clone();
+        meter
+            .f64_observable_counter(name)
+            .with_unit(unit.clone())
+            .with_description(description)
+            .with_callback(move |observer| {
+                if let Some(ledger) = from.upgrade().and_then(|app| app.ledger.clone()) {
+                    observer.observe(read(&ledger.totals()), &[]);
+                }
+            })
+            .build();
+    }
+    let get = |app: &App| app.ledger.as_ref().map(|ledger| ledger.totals()).unwrap_or_default();
+    counter(meter, "kvsidecar.ledger.requests", "{request}", "Requests the cost ledger recorded.", app.clone(), move |app| one(get(app).requests));
+    counter(meter, "kvsidecar.ledger.records.lost", "{request}", "Ledger records lost, by reason: dropped (the write queue was full) or failed (their write failed).", app, move |app| {
+        let totals = get(app);
+        by("reason", &[("dropped", totals.dropped), ("failed", totals.failed)])
     });
 }
 
