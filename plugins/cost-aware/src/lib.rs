@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use kvsidecar_sdk::{Config, Evictor, Snapshot};
 
 /// A total order on finite values, for the priority queue.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Value(f64);
 
 impl Eq for Value {}
@@ -24,6 +24,12 @@ impl Eq for Value {}
 impl Ord for Value {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0)
+    }
+}
+
+impl PartialOrd for Value {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 

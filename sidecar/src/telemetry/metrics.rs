@@ -99,9 +99,9 @@ pub fn observe(provider: &SdkMeterProvider, app: &Arc<App>, exports: &Arc<Export
 }
 
 /// Registers a counter observed from `read`, which returns `(value, attributes)` pairs.
-fn counter<T: 'static>(meter: &Meter, name: &'static str, unit: &'static str, description: &'static str, from: Weak<T>, read: impl Fn(&T) -> Vec<(u64, Vec<KeyValue>)> + Send + Sync + 'static)
+fn counter<T>(meter: &Meter, name: &'static str, unit: &'static str, description: &'static str, from: Weak<T>, read: impl Fn(&T) -> Vec<(u64, Vec<KeyValue>)> + Send + Sync + 'static)
 where
-    T: Send + Sync,
+    T: Send + Sync + 'static,
 {
     meter
         .u64_observable_counter(name)
@@ -118,9 +118,9 @@ where
 }
 
 /// Registers a gauge observed from `read`.
-fn gauge<T: 'static>(meter: &Meter, name: &'static str, unit: &'static str, description: &'static str, from: Weak<T>, read: impl Fn(&T) -> Vec<(f64, Vec<KeyValue>)> + Send + Sync + 'static)
+fn gauge<T>(meter: &Meter, name: &'static str, unit: &'static str, description: &'static str, from: Weak<T>, read: impl Fn(&T) -> Vec<(f64, Vec<KeyValue>)> + Send + Sync + 'static)
 where
-    T: Send + Sync,
+    T: Send + Sync + 'static,
 {
     meter
         .f64_observable_gauge(name)
@@ -271,13 +271,16 @@ fn observe_plugins(meter: &Meter, app: Weak<App>) {
     });
 }
 
+/// Reads one cost, in units of currency, from the ledger's totals.
+type CostReader = fn(&crate::ledger::Totals) -> f64;
+
 /// Pico-units (1e-12) per unit of currency.
 const PICO: f64 = 1e12;
 
 fn observe_ledger(meter: &Meter, app: Weak<App>) {
     let Some(currency) = app.upgrade().filter(|app| app.ledger.is_some()).map(|app| app.config.ledger.currency.clone()) else { return };
     let unit = format!("{{{currency}}}");
-    let costs: [(&'static str, &'static str, fn(&crate::ledger::Totals) -> f64); 3] = [
+    let costs: [(&'static str, &'static str, CostReader); 3] = [
         ("kvsidecar.cost.served", "Cost of the requests the ledger recorded, as served, in the ledger's currency.", |totals| totals.cost_served_pico as f64 / PICO),
         ("kvsidecar.cost.uncached", "Cost the recorded requests would have had with nothing cached.", |totals| totals.cost_uncached_pico as f64 / PICO),
         (
