@@ -129,7 +129,7 @@ fn operation(endpoint: Endpoint) -> &'static str {
     }
 }
 
-/// What the request path knows about a response, passed to its end through the response's
+/// The request path's figures of a response, passed to its end through the response's
 /// extensions.
 #[derive(Debug, Clone)]
 struct Served {
@@ -160,7 +160,7 @@ struct Pending {
 }
 
 impl Pending {
-    /// Ends a request answered with an error.
+    /// Ends a request that got an error response.
     fn rejected(mut self, error: &ApiError) {
         self.done = true;
         let outcome = if error.status.is_server_error() { "failed" } else { "rejected" };
@@ -178,7 +178,7 @@ impl Pending {
         trace::end(&self.cx);
     }
 
-    /// Ends a request whose response body ended as `ending` says.
+    /// Ends a request whose response body ended as `ending` describes.
     fn finish(mut self, served: Option<Served>, ending: Ending, status: u16, events: bool) {
         self.done = true;
         let _entered = self.log_span.enter();
@@ -230,24 +230,8 @@ impl Pending {
             }
         }
         trace::set(&self.cx, || {
-            let mut attributes = vec![
-                KeyValue::new("http.response.status_code", i64::from(status)),
-                KeyValue::new("gen_ai.usage.input_tokens", prompt as i64),
-                KeyValue::new("gen_ai.usage.output_tokens", output as i64),
-                KeyValue::new("kvsidecar.cache.source", source.as_str()),
-                KeyValue::new("kvsidecar.cache.cached_tokens", cached as i64),
-                KeyValue::new("kvsidecar.cache.computed_tokens", prompt.saturating_sub(cached) as i64),
-            ];
-            if let Some(ttft) = ttft {
-                attributes.push(KeyValue::new("kvsidecar.time_to_first_token", ttft.as_secs_f64()));
-            }
-            if let Some(peer) = &served.peer {
-                attributes.push(KeyValue::new("kvsidecar.served_by", peer.clone()));
-            }
-            if let Some(slot) = served.slot {
-                attributes.push(KeyValue::new("kvsidecar.slot", i64::from(slot)));
-            }
-            attributes
+            let figures = Figures { status, prompt, cached, output, source, ttft };
+            figures.attributes(&served)
         });
         if !ending.completed {
             trace::fail(&self.cx, "aborted", "the client left or the response stream broke before its end");
@@ -263,6 +247,41 @@ impl Pending {
             served_by = served.peer.as_deref(),
             "request finished"
         );
+    }
+}
+
+/// The end figures of a request, as its server span shows them.
+#[derive(Clone, Copy)]
+struct Figures {
+    status: u16,
+    prompt: u64,
+    cached: u64,
+    output: u64,
+    source: CacheSource,
+    ttft: Option<Duration>,
+}
+
+impl Figures {
+    fn attributes(&self, served: &Served) -> Vec<KeyValue> {
+        let Figures { status, prompt, cached, output, source, ttft } = *self;
+        let mut attributes = vec![
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new("gen_ai.usage.input_tokens", prompt as i64),
+            KeyValue::new("gen_ai.usage.output_tokens", output as i64),
+            KeyValue::new("kvsidecar.cache.source", source.as_str()),
+            KeyValue::new("kvsidecar.cache.cached_tokens", cached as i64),
+            KeyValue::new("kvsidecar.cache.computed_tokens", prompt.saturating_sub(cached) as i64),
+        ];
+        if let Some(ttft) = ttft {
+            attributes.push(KeyValue::new("kvsidecar.time_to_first_token", ttft.as_secs_f64()));
+        }
+        if let Some(peer) = &served.peer {
+            attributes.push(KeyValue::new("kvsidecar.served_by", peer.clone()));
+        }
+        if let Some(slot) = served.slot {
+            attributes.push(KeyValue::new("kvsidecar.slot", i64::from(slot)));
+        }
+        attributes
     }
 }
 
@@ -438,7 +457,7 @@ async fn route(
             });
         }
     }
-    // A generated id names a one-request task, which tells the router nothing.
+    // A generated id names a one-request task, which gives the router no information.
     let task_id = (!task.is_generated()).then(|| task.as_str().to_string());
     let request = RouteRequest {
         namespace: namespace.0.to_hex(),
