@@ -42,7 +42,16 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                         fingerprint = %info.fingerprint,
                         "engine ready"
                     );
-                    if let Some(reason) = &info.snapshots_disabled {
+                    let ready_names = crate::proxy::completion::model_names(&app, &info);
+                    for key in app.config.ledger.models.keys().filter(|key| !ready_names.contains(key)) {
+                        tracing::warn!(
+                            ledger.model = %key,
+                            engine.model = %info.model_id,
+                            engine.model_file = %info.fingerprint_inputs.model_file,
+                            "ledger.models.{key:?} names no model this engine serves, so its price is never used; key it by the engine's model id, file name or one of engine.model_aliases"
+                        );
+                    }
+                                        if let Some(reason) = &info.snapshots_disabled {
                         tracing::error!(reason = %reason, "snapshots disabled: the engine's slot files cannot be saved or restored");
                     }
                     last_task_id = app.engine.slot_activity().await.ok().and_then(|activity| activity.max_task_id);

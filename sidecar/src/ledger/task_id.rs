@@ -26,8 +26,13 @@ pub struct TaskId {
 pub enum TaskIdError {
     #[error("header {header} appears more than once; send exactly one task id")]
     RepeatedHeader { header: http::HeaderName },
-    #[error("invalid header {header}: a task id is 1 to {MAX_TASK_ID_LEN} visible ASCII characters, without spaces")]
-    InvalidHeader { header: http::HeaderName },
+    #[error("invalid header {header} value {value:?} of {length} bytes: a task id is 1 to {MAX_TASK_ID_LEN} visible ASCII characters, without spaces")]
+    InvalidHeader {
+        header: http::HeaderName,
+        /// The value, cut to 64 characters for the message.
+        value: String,
+        length: usize,
+    },
     #[error("invalid task id {value:?} of {length} bytes: a task id is 1 to {MAX_TASK_ID_LEN} visible ASCII characters, without spaces")]
     Invalid {
         /// The id, cut to 64 characters for the message.
@@ -40,7 +45,7 @@ impl From<TaskIdError> for ApiError {
     /// Maps the error to a 400 that names the header or the id.
     fn from(error: TaskIdError) -> ApiError {
         let field = match &error {
-            TaskIdError::RepeatedHeader { header } | TaskIdError::InvalidHeader { header } => header.as_str().to_string(),
+            TaskIdError::RepeatedHeader { header } | TaskIdError::InvalidHeader { header, .. } => header.as_str().to_string(),
             TaskIdError::Invalid { .. } => "task_id".to_string(),
         };
         ApiError::invalid_value(&field, error.to_string())
@@ -108,6 +113,9 @@ pub fn task_id(headers: &http::HeaderMap, config: &LedgerConfig) -> Result<TaskI
     }
     match value.to_str() {
         Ok(text) if valid(text) => Ok(TaskId { id: text.to_string(), generated: false }),
-        _ => Err(TaskIdError::InvalidHeader { header: header.clone() }),
+        _ => {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            Err(TaskIdError::InvalidHeader { header: header.clone(), value: text.chars().take(64).collect(), length: value.len() })
+        }
     }
 }

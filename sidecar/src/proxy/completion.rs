@@ -199,11 +199,13 @@ impl Pending {
         let source = if cached == 0 { CacheSource::None } else { served.source };
         let output = usage.output_tokens.unwrap_or(0);
         let outcome = if ending.completed { "completed" } else { "aborted" };
+
         if served.peer.is_none() {
             // The engine work is counted where it ran.
             record(app, source, prompt, cached, output);
         }
         let ttft = time_to_first_token(self.started, &ending, events);
+
         // The node the client called records the request's cost; a peer that served it does not.
         if let (false, Some(ledger), Some(task)) = (self.forwarded, &app.ledger, self.task.take()) {
             ledger.record(crate::ledger::RequestRecord {
@@ -221,6 +223,7 @@ impl Pending {
                 decode_ms: usage.generation_ms,
             });
         }
+
         if !self.forwarded {
             Counters::add(if ending.completed { &app.counters.completed } else { &app.counters.aborted }, 1);
             let instruments = telemetry::instruments();
@@ -237,7 +240,7 @@ impl Pending {
             trace::fail(&self.cx, "aborted", "the client left or the response stream broke before its end");
         }
         trace::end(&self.cx);
-        tracing::debug!(
+        tracing::info!(
             outcome,
             prompt.tokens = prompt,
             cache.tokens = cached,
@@ -539,8 +542,11 @@ async fn serve(app: &Arc<App>, request: Request<Incoming>, endpoint: Endpoint, f
     }
     let mut parsed = request::parse(endpoint, &bytes)?;
     let ready = app.ready().ok_or_else(|| app.not_ready_error())?;
-    let model = parsed.model.clone().unwrap_or_else(|| ready.info.model_id.clone());
-    trace::set(&Context::current(), || vec![KeyValue::new("gen_ai.request.model", model.clone()), KeyValue::new("gen_ai.request.stream", parsed.stream)]);
+    trace::set(&Context::current(), || {
+        let model = parsed.model.clone().unwrap_or_else(|| ready.info.model_id.clone());
+        vec![KeyValue::new("gen_ai.request.model", model), KeyValue::new("gen_ai.request.stream", parsed.stream)]
+    });
+    let model = priced_model(app, &ready);
     check_model(app, &ready, parsed.model.as_deref())?;
     if let Some(slot) = parsed.requested_slot.filter(|slot| !ready.slots.contains(*slot)) {
         return Err(ApiError::invalid_value(
@@ -938,7 +944,7 @@ async fn forward_uncached(app: &App, mut parsed: CompletionRequest, tenant: Stri
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     set_cache_headers(&mut head.headers, CacheSource::None, 0);
-    let model = parsed.model.clone().or_else(|| app.ready().map(|ready| ready.info.model_id.clone())).unwrap_or_default();
+    let model = app.ready().map(|ready| priced_model(app, &ready)).unwrap_or_default();
     let mut response = Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed());
     response.extensions_mut().insert(Served { prompt_tokens: 0, cached_tokens: 0, source: CacheSource::None, peer: None, slot: None, tenant, model });
     Ok(response)
@@ -956,15 +962,28 @@ fn set_cache_headers(headers: &mut http::HeaderMap, source: CacheSource, cached:
     headers.insert(CACHE_SOURCE_HEADER, HeaderValue::from_static(source.as_str()));
 }
 
+/// Returns the model name the ledger records and prices a request under. Every name of the
+/// engine's model (its id, file name and aliases) is the same model, so the `ledger.models` key
+/// among them is used whatever name the request gave, and the model id when none is a key.
+fn priced_model(app: &App, ready: &Ready) -> String {
+    let names = model_names(app, &ready.info);
+    names.iter().find(|name| app.config.ledger.models.contains_key(name.as_str())).unwrap_or(&ready.info.model_id).clone()
+}
+
+/// Returns the names a request may give the engine's model: its id, file name and aliases.
+pub fn model_names(app: &App, info: &crate::engine::EngineInfo) -> Vec<String> {
+    let mut names = vec![info.model_id.clone(), info.fingerprint_inputs.model_file.clone()];
+    names.extend(app.config.engine.model_aliases.iter().cloned());
+    names.retain(|name| !name.is_empty());
+    names
+}
+
 fn check_model(app: &App, ready: &Ready, requested: Option<&str>) -> Result<(), ApiError> {
     let Some(requested) = requested else { return Ok(()) };
-    let model = &ready.info.model_id;
-    let file = &ready.info.fingerprint_inputs.model_file;
-    let known = std::iter::once(model).chain(std::iter::once(file)).chain(app.config.engine.model_aliases.iter());
-    if requested == model || requested == file || app.config.engine.model_aliases.iter().any(|alias| alias == requested) {
+    let names = model_names(app, &ready.info);
+    if names.iter().any(|name| name == requested) {
         return Ok(());
     }
-    let names: Vec<String> = known.filter(|name| !name.is_empty()).cloned().collect();
     Err(ApiError::unknown_model(requested, &names))
 }
 

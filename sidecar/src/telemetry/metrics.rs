@@ -325,11 +325,13 @@ pub struct CountingExporter<E> {
     inner: E,
     runtime: tokio::runtime::Handle,
     counters: Arc<ExportCounters>,
+    /// The collector's address, for the warnings.
+    endpoint: String,
 }
 
 impl<E> CountingExporter<E> {
-    pub fn new(inner: E, runtime: tokio::runtime::Handle, counters: Arc<ExportCounters>) -> CountingExporter<E> {
-        CountingExporter { inner, runtime, counters }
+    pub fn new(inner: E, runtime: tokio::runtime::Handle, counters: Arc<ExportCounters>, endpoint: String) -> CountingExporter<E> {
+        CountingExporter { inner, runtime, counters, endpoint }
     }
 }
 
@@ -337,8 +339,17 @@ impl<E: PushMetricExporter> PushMetricExporter for CountingExporter<E> {
     async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
         let result = InRuntime { runtime: &self.runtime, inner: std::pin::pin!(self.inner.export(metrics)) }.await;
         if let Err(error) = &result {
-            ExportCounters::add(&self.counters.metric_exports_failed, 1);
-            tracing::debug!(error = %error, "metric export to the OTLP collector failed");
+            let failed = self.counters.metric_exports_failed.fetch_add(1, Ordering::Relaxed) + 1;
+            // The reader exports every telemetry.metrics_interval, so a warning every 20 failures
+            // is at most one every few minutes.
+            if failed % 20 == 1 {
+                tracing::warn!(
+                    error = %error,
+                    endpoint = %self.endpoint,
+                    failed_exports = failed,
+                    "metric export to the OTLP collector failed; counted in kvsidecar_telemetry_metric_exports_failed_total; check telemetry.otlp_endpoint and that the collector runs"
+                );
+            }
         }
         result
     }

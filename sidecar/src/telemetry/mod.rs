@@ -127,7 +127,7 @@ impl Telemetry {
             let _entered = runtime.enter();
             let mut exporter = span_exporter(settings, endpoint)?;
             opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
-            let processor = spans::QueueProcessor::start(runtime.handle(), exporter, settings.span_queue as usize, settings.otlp_timeout, counters.clone());
+            let processor = spans::QueueProcessor::start(runtime.handle(), exporter, settings.span_queue as usize, settings.otlp_timeout, counters.clone(), endpoint.clone());
             tracer_builder = tracer_builder.with_span_processor(processor);
         }
         let tracer_provider = tracer_builder.build();
@@ -139,11 +139,22 @@ impl Telemetry {
         }
         if let (Some(endpoint), Some(runtime), true) = (&endpoint, &runtime, settings.metrics) {
             let _entered = runtime.enter();
-            let exporter = metrics::CountingExporter::new(metric_exporter(settings, endpoint)?, runtime.handle().clone(), counters.clone());
+            let exporter = metrics::CountingExporter::new(metric_exporter(settings, endpoint)?, runtime.handle().clone(), counters.clone(), endpoint.clone());
             meter_builder = meter_builder.with_reader(PeriodicReader::builder(exporter).with_interval(settings.metrics_interval).build());
         }
         let meter_provider = meter_builder.build();
 
+        match &endpoint {
+            Some(endpoint) => tracing::info!(
+                otlp.endpoint = %endpoint,
+                otlp.protocol = settings.otlp_protocol.as_str(),
+                traces = settings.traces,
+                sampling_ratio = settings.sampling_ratio,
+                metrics = settings.metrics,
+                "exporting telemetry over OTLP"
+            ),
+            None => tracing::info!(prometheus = settings.prometheus, "no OTLP endpoint (telemetry.otlp_endpoint): traces and metrics are not exported"),
+        }
         let handles = Handles { tracer: tracer_provider.tracer(SCOPE), instruments: Instruments::new(&meter_provider) };
         HANDLES.set(handles).map_err(|_| TelemetryError::Twice)?;
         Ok(Arc::new(Telemetry { tracer_provider, meter_provider, scrape, counters, runtime: Mutex::new(runtime) }))

@@ -41,10 +41,10 @@ pub struct QueueProcessor {
 
 impl QueueProcessor {
     /// Starts the export task on `runtime`.
-    pub fn start<E: SpanExporter + 'static>(runtime: &tokio::runtime::Handle, exporter: E, capacity: usize, timeout: Duration, counters: Arc<ExportCounters>) -> QueueProcessor {
+    pub fn start<E: SpanExporter + 'static>(runtime: &tokio::runtime::Handle, exporter: E, capacity: usize, timeout: Duration, counters: Arc<ExportCounters>, endpoint: String) -> QueueProcessor {
         let (queue, spans) = mpsc::channel(capacity.max(1));
         let (flushes, flush_requests) = mpsc::unbounded_channel();
-        runtime.spawn(export_loop(exporter, spans, flush_requests, timeout, counters.clone()));
+        runtime.spawn(export_loop(exporter, spans, flush_requests, Export { timeout, endpoint }, counters.clone()));
         QueueProcessor { queue, flushes, counters, unwarned: AtomicU64::new(0) }
     }
 
@@ -88,7 +88,15 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
-async fn export_loop<E: SpanExporter>(exporter: E, mut spans: mpsc::Receiver<Message>, mut flushes: mpsc::UnboundedReceiver<Message>, timeout: Duration, counters: Arc<ExportCounters>) {
+/// Settings of the export task.
+struct Export {
+    timeout: Duration,
+    /// The collector's address, for the warnings.
+    endpoint: String,
+}
+
+async fn export_loop<E: SpanExporter>(exporter: E, mut spans: mpsc::Receiver<Message>, mut flushes: mpsc::UnboundedReceiver<Message>, export: Export, counters: Arc<ExportCounters>) {
+    let Export { timeout, endpoint } = export;
     let mut batch: Vec<SpanData> = Vec::with_capacity(MAX_BATCH);
     let mut warned_at: Option<tokio::time::Instant> = None;
     let mut failed_since_warning = 0u64;
@@ -149,6 +157,7 @@ async fn export_loop<E: SpanExporter>(exporter: E, mut spans: mpsc::Receiver<Mes
                     if due {
                         tracing::warn!(
                             error = %error,
+                            endpoint = %endpoint,
                             spans_dropped = failed_since_warning,
                             "span export to the OTLP collector failed; spans are dropped and counted in kvsidecar_telemetry_spans_dropped_total; check telemetry.otlp_endpoint and that the collector runs"
                         );

@@ -43,8 +43,15 @@ impl Reader<'_> {
             Err(issues) => {
                 for issue in issues {
                     let path = format!("ledger.price.{}", issue.key);
-                    let origin = self.sources.values.get(&path).map(|(_, from)| from.clone()).unwrap_or_else(|| origin.clone());
-                    self.sources.issues.push(ConfigIssue { path, value: issue.value, origin, rule: issue.rule });
+                    let (value, origin) = match self.sources.values.get(&path) {
+                        Some((_, from)) => (issue.value, from.clone()),
+                        // A missing key has no source of its own; name where it can be set.
+                        None if issue.value.is_empty() => {
+                            ("(not set)".to_string(), format!("set it in [ledger.price] or with KVSIDECAR_LEDGER_PRICE_{}", issue.key.to_ascii_uppercase()))
+                        }
+                        None => (issue.value, origin.clone()),
+                    };
+                    self.sources.issues.push(ConfigIssue { path, value, origin, rule: issue.rule });
                 }
                 None
             }
