@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvsidecar's benchmarks; their results are recorded in docs/benchmarks.md.
 #
-#   scripts/bench.sh hashing    prefix hashing of a 128k-token prompt (criterion)
+#   scripts/bench.sh hashing    prefix hashing of 1k/32k/128k-token prompts (criterion), the BLAKE3 ceiling, vLLM's sha256_cbor
 #   scripts/bench.sh miss       the sidecar's own work on a miss, in process (criterion)
 #   scripts/bench.sh overhead   added latency on a miss, end to end with the tiny model
 #   scripts/bench.sh restore    TTFT cold versus restored, 2k/4k/8k tokens, demo model
@@ -17,7 +17,7 @@ kvsidecar_setup
 
 run() {
   case "$1" in
-    hashing) cargo bench -p kvsidecar-benches --bench prefix_hashing ;;
+    hashing) cargo bench -p kvsidecar-benches --bench prefix_hashing && "$KVSIDECAR_PYTHON" benches/vllm_block_hash.py && "$KVSIDECAR_PYTHON" benches/vllm_block_hash.py --block-size 64 ;;
     miss) cargo bench -p kvsidecar-benches --bench miss_path ;;
     overhead) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin proxy_overhead ;;
     restore) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin restore_ttft ;;
