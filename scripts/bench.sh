@@ -8,6 +8,7 @@
 #   scripts/bench.sh plugins    Wasm router versus native, plugin swap time, latency during swaps
 #   scripts/bench.sh transfer   peer pull of a 50 MB snapshot versus the loopback TCP ceiling
 #   scripts/bench.sh fleet      trace replay on a 3-node fleet, versus engines alone and one shared cache
+#   scripts/bench.sh store      snapshot store write and read throughput against raw O_DIRECT I/O (as root)
 #   scripts/bench.sh index      fleet-index load, lookup time and memory at 10k, 1M and 10M blocks
 #   scripts/bench.sh telemetry  throughput and latency with OTLP traces and metrics at sampling 1 and 0.01, versus off
 #   scripts/bench.sh            all of them
@@ -25,14 +26,15 @@ run() {
     plugins) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin plugin_overhead ;;
     transfer) cargo run --release -p kvsidecar-benches --bin peer_transfer ;;
     fleet) FLEET_REFERENCE=1 scripts/demo.sh ;;
+    store) cargo run --release -p kvsidecar-benches --bin store_throughput ;;
     index) cargo run --release -p kvsidecar-benches --bin index_scale ;;
     telemetry) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin telemetry_overhead ;;
-    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore, plugins, transfer, fleet, index or telemetry" >&2; exit 2 ;;
+    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore, plugins, transfer, fleet, store, index or telemetry" >&2; exit 2 ;;
   esac
 }
 
 if (($#)); then
   for name in "$@"; do run "$name"; done
 else
-  for name in hashing miss overhead restore plugins transfer fleet index telemetry; do run "$name"; done
+  for name in hashing miss overhead restore plugins transfer fleet store index telemetry; do run "$name"; done
 fi
