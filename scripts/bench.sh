@@ -10,6 +10,7 @@
 #   scripts/bench.sh fleet      trace replay on a 3-node fleet, versus engines alone and one shared cache
 #   scripts/bench.sh store      snapshot store write and read throughput against raw O_DIRECT I/O (as root)
 #   scripts/bench.sh index      fleet-index load, lookup time and memory at 10k, 1M and 10M blocks
+#   scripts/bench.sh concurrency throughput and p99 with 1 to 64 clients, direct and through the sidecar
 #   scripts/bench.sh telemetry  throughput and latency with OTLP traces and metrics at sampling 1 and 0.01, versus off
 #   scripts/bench.sh            all of them
 set -euo pipefail
@@ -28,13 +29,14 @@ run() {
     fleet) FLEET_REFERENCE=1 scripts/demo.sh ;;
     store) cargo run --release -p kvsidecar-benches --bin store_throughput ;;
     index) cargo run --release -p kvsidecar-benches --bin index_scale ;;
+    concurrency) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin concurrency_scale ;;
     telemetry) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin telemetry_overhead ;;
-    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore, plugins, transfer, fleet, store, index or telemetry" >&2; exit 2 ;;
+    *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore, plugins, transfer, fleet, store, index, concurrency or telemetry" >&2; exit 2 ;;
   esac
 }
 
 if (($#)); then
   for name in "$@"; do run "$name"; done
 else
-  for name in hashing miss overhead restore plugins transfer fleet store index telemetry; do run "$name"; done
+  for name in hashing miss overhead restore plugins transfer fleet store index concurrency telemetry; do run "$name"; done
 fi

@@ -59,3 +59,48 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
 }
+
+/// Throughput and latency of one closed-loop load run.
+pub struct Round {
+    pub requests_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// Runs `clients` closed-loop clients against `base_url` for `length`. Each sends streaming
+/// `/completion` requests of `prompt_tokens` fresh token ids (so every request is a miss) with one
+/// generated token, the next as soon as the last ends. Returns the throughput and the latency
+/// percentiles of the requests that completed.
+pub async fn closed_loop(base_url: &str, clients: usize, prompt_tokens: usize, length: Duration, seed: &std::sync::Arc<std::sync::atomic::AtomicU64>) -> Round {
+    let deadline = Instant::now() + length;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let url = format!("{base_url}/completion");
+        let seed = seed.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            while Instant::now() < deadline {
+                let prompt = kvsidecar_tests::tokens(seed.fetch_add(1, std::sync::atomic::Ordering::Relaxed), prompt_tokens);
+                let body = serde_json::json!({"prompt": prompt, "n_predict": 1, "temperature": 0.0, "stream": true});
+                match post_streaming(&url, &body).await {
+                    Ok(reply) => latencies.push(reply.total.as_secs_f64() * 1000.0),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        if let Ok((mut part, failed)) = task.await {
+            latencies.append(&mut part);
+            errors += failed;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let percentile = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+    Round { requests_per_second: latencies.len() as f64 / elapsed, p50_ms: percentile(0.5), p99_ms: percentile(0.99), errors }
+}

@@ -9,14 +9,13 @@
 //! Run with `scripts/bench.sh telemetry`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use anyhow::Result;
-use kvsidecar_benches::client::{median, post_streaming};
+use kvsidecar_benches::client::{Round, closed_loop, median};
 use kvsidecar_tests::otlp::OtlpReceiver;
-use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace, tokens};
-use serde_json::json;
+use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace};
 
 const CLIENTS: usize = 8;
 const ROUNDS: usize = 3;
@@ -29,13 +28,6 @@ struct Setup {
     name: &'static str,
     /// `KVSIDECAR_TELEMETRY_*` settings; none exports nothing.
     sampling: Option<&'static str>,
-}
-
-struct Round {
-    requests_per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
 }
 
 #[tokio::main]
@@ -66,8 +58,8 @@ async fn main() -> Result<()> {
             }
             let spec = SidecarSpec { engine_url: engine.url.clone(), data_dir: ws.path(&format!("data-{round}-{n}")), slot_dir: ws.path("slots"), env };
             let sidecar = Sidecar::start(&spec, &ws.logs()).await?;
-            load(&sidecar.url, WARMUP, &seed).await;
-            let measured = load(&sidecar.url, ROUND, &seed).await;
+            closed_loop(&sidecar.url, CLIENTS, PROMPT_TOKENS, WARMUP, &seed).await;
+            let measured = closed_loop(&sidecar.url, CLIENTS, PROMPT_TOKENS, ROUND, &seed).await;
             eprintln!("round {round} {}: {:.1} req/s, p99 {:.2} ms", setup.name, measured.requests_per_second, measured.p99_ms);
             results[n].push(measured);
             drop(sidecar);
@@ -88,39 +80,4 @@ async fn main() -> Result<()> {
     }
     println!("spans received by the collector: {}", collector.spans().len());
     Ok(())
-}
-
-/// Runs `CLIENTS` closed-loop clients against `url` for `length` and returns the throughput and
-/// latency percentiles of the requests that completed.
-async fn load(url: &str, length: Duration, seed: &Arc<AtomicU64>) -> Round {
-    let deadline = Instant::now() + length;
-    let started = Instant::now();
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let url = format!("{url}/completion");
-        let seed = seed.clone();
-        clients.push(tokio::spawn(async move {
-            let (mut latencies, mut errors) = (Vec::new(), 0u64);
-            while Instant::now() < deadline {
-                let prompt = tokens(seed.fetch_add(1, Ordering::Relaxed), PROMPT_TOKENS);
-                let body = json!({"prompt": prompt, "n_predict": 1, "temperature": 0.0, "stream": true});
-                match post_streaming(&url, &body).await {
-                    Ok(reply) => latencies.push(reply.total.as_secs_f64() * 1000.0),
-                    Err(_) => errors += 1,
-                }
-            }
-            (latencies, errors)
-        }));
-    }
-    let (mut latencies, mut errors) = (Vec::new(), 0);
-    for client in clients {
-        if let Ok((mut part, failed)) = client.await {
-            latencies.append(&mut part);
-            errors += failed;
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    let percentile = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
-    Round { requests_per_second: latencies.len() as f64 / elapsed, p50_ms: percentile(0.5), p99_ms: percentile(0.99), errors }
 }
