@@ -35,15 +35,7 @@ pub(super) fn move_aside(path: &Path, error: &LedgerError) -> Result<(), LedgerE
 pub(super) fn open(path: &Path) -> Result<DB, LedgerError> {
     std::fs::create_dir_all(path).map_err(|error| LedgerError::Open { path: path.display().to_string(), reason: error.to_string() })?;
 
-    let mut options = Options::default();
-    options.create_if_missing(true);
-    options.create_missing_column_families(true);
-    // Bounded RocksDB logs and WAL, as for the snapshot store.
-    options.set_max_total_wal_size(8 << 20);
-    options.set_log_level(rocksdb::LogLevel::Warn);
-    options.set_max_log_file_size(1 << 20);
-    options.set_keep_log_file_num(2);
-    options.set_max_manifest_file_size(4 << 20);
+    let options = crate::store::bounded_options();
 
     let mut tasks = Options::default();
     tasks.set_merge_operator_associative(MERGE_OPERATOR, merge_totals);

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::prefix::Digest;
 
-pub use rocks::Store;
+pub use rocks::{Store, bounded_options};
 
 /// Metadata of one stored snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

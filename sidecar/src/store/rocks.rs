@@ -117,6 +117,21 @@ fn id_end(id: &Digest) -> [u8; 36] {
     chunk_key(id, u32::MAX)
 }
 
+/// Returns the options of kvsidecar's RocksDB databases: created when missing, with their column
+/// families, and with the WAL (8 MiB), the info log (2 files of 1 MiB, warnings and worse) and the
+/// manifest (4 MiB) bounded, so a long-running sidecar's folder does not grow with them.
+pub fn bounded_options() -> Options {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_max_total_wal_size(8 << 20);
+    options.set_log_level(rocksdb::LogLevel::Warn);
+    options.set_max_log_file_size(1 << 20);
+    options.set_keep_log_file_num(2);
+    options.set_max_manifest_file_size(4 << 20);
+    options
+}
+
 impl Store {
     /// Opens or creates the store under `config.data_dir`, deleting chunks that no committed
     /// snapshot owns. Snapshots are a cache: a store that RocksDB finds damaged while opening or
@@ -141,16 +156,9 @@ impl Store {
         std::fs::create_dir_all(&path)
             .map_err(|error| StoreError::Open { path: path.display().to_string(), reason: error.to_string() })?;
 
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.create_missing_column_families(true);
-        // Chunks bypass the WAL, so it only carries metadata; a small limit makes RocksDB flush
-        // the metadata families and drop old WAL files.
-        options.set_max_total_wal_size(8 << 20);
-        options.set_log_level(rocksdb::LogLevel::Warn);
-        options.set_max_log_file_size(1 << 20);
-        options.set_keep_log_file_num(2);
-        options.set_max_manifest_file_size(4 << 20);
+        // Chunks bypass the WAL, so it only carries metadata, and the small WAL limit of
+        // `bounded_options` makes RocksDB flush the metadata families and drop old WAL files.
+        let options = bounded_options();
 
         let families = Self::families(config).into_iter();
         let families: Vec<ColumnFamilyDescriptor> = families.collect();
