@@ -15,7 +15,7 @@ use opentelemetry::{Context, KeyValue};
 use tracing::Instrument as _;
 
 use super::body::{StreamEnd, TrackedBody};
-use super::observe::{Ending, ObservedBody};
+use super::observe::{Ending, ObservedBody, Usage};
 use super::{ResponseBody, full, strip_hop_by_hop};
 use crate::app::{App, CacheSource, Counters, Ready};
 use crate::engine::http_client::{full_body, read_limited};
@@ -94,7 +94,13 @@ async fn handle_from(app: Arc<App>, request: Request<Incoming>, endpoint: Endpoi
     let events = response.headers().get(http::header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).is_some_and(|value| value.starts_with("text/event-stream"));
     let status = response.status().as_u16();
     let (head, body) = response.into_parts();
-    let observed = ObservedBody::new(body, events, move |ending| pending.finish(served, ending, status, events));
+    // A non-streamed response of this node's engine was parsed on the request path already.
+    let known = served.as_ref().and_then(|served| served.usage);
+    let on_end = move |ending| pending.finish(served, ending, status, events);
+    let observed = match known {
+        Some(usage) => ObservedBody::with_usage(body, usage, on_end),
+        None => ObservedBody::new(body, events, on_end),
+    };
     Response::from_parts(head, observed.boxed())
 }
 
@@ -143,6 +149,8 @@ struct Served {
     slot: Option<u32>,
     tenant: String,
     model: String,
+    /// The engine's figures, when the request path parsed the whole response body.
+    usage: Option<Usage>,
 }
 
 /// A request between its arrival and the end of its response. Dropped before either (the client
@@ -192,6 +200,7 @@ impl Pending {
             slot: None,
             tenant: app.config.request.default_tenant.clone(),
             model: String::new(),
+            usage: None,
         });
         let prompt = usage.prompt_tokens.unwrap_or(served.prompt_tokens);
         // The engine's own count is the truth; the plan is the fallback when it reported none.
@@ -724,6 +733,7 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest,
         slot: Some(plan.slot),
         tenant: tenant.clone(),
         model: model.clone(),
+        usage: None,
     };
 
     if parsed.stream && success {
@@ -777,8 +787,12 @@ async fn forward(app: &Arc<App>, in_flight: InFlight, parsed: CompletionRequest,
     head.headers.insert(SLOT_HEADER, HeaderValue::from(plan.slot));
     head.headers.remove(http::header::CONTENT_LENGTH);
     in_flight.finish(Outcome::Completed);
+    let mut usage = Usage::default();
+    if let Some(value) = &value {
+        usage.read(value);
+    }
     let mut response = Response::from_parts(head, full(bytes));
-    response.extensions_mut().insert(served(source, cached));
+    response.extensions_mut().insert(Served { usage: Some(usage), ..served(source, cached) });
     Ok(response)
 }
 
@@ -946,7 +960,7 @@ async fn forward_uncached(app: &App, mut parsed: CompletionRequest, tenant: Stri
     set_cache_headers(&mut head.headers, CacheSource::None, 0);
     let model = app.ready().map(|ready| priced_model(app, &ready)).unwrap_or_default();
     let mut response = Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed());
-    response.extensions_mut().insert(Served { prompt_tokens: 0, cached_tokens: 0, source: CacheSource::None, peer: None, slot: None, tenant, model });
+    response.extensions_mut().insert(Served { prompt_tokens: 0, cached_tokens: 0, source: CacheSource::None, peer: None, slot: None, tenant, model, usage: None });
     Ok(response)
 }
 
@@ -1032,6 +1046,7 @@ async fn forward_to_peer(app: &App, peer: &crate::peer::PeerLoad, endpoint: Endp
                 slot: None,
                 tenant: tenant.to_string(),
                 model: model.to_string(),
+                usage: None,
             };
             let mut response = Response::from_parts(head, body.map_err(|error| Box::new(error) as _).boxed());
             response.extensions_mut().insert(served);

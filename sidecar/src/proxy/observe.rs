@@ -1,7 +1,7 @@
-//! A completion response as the client receives it. The body passes through unchanged. The time
-//! of its first frame and the engine's token counts are noted for the metrics, the span and the
-//! ledger; the counts come from the `usage` and `timings` objects of a JSON body or of a stream's
-//! events.
+//! A completion response as the client receives it. The body passes through unchanged, and the
+//! time of its first frame and the engine's token counts are noted for the metrics, the span and
+//! the ledger. The counts come from the `usage` and `timings` objects of a JSON body or of a
+//! stream's events.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -79,6 +79,8 @@ enum Scanner {
     Events { line: Vec<u8>, skipping: bool },
     /// One JSON document, parsed at the end.
     Document { bytes: Vec<u8>, overflow: bool },
+    /// Nothing to read: the usage was known when the body was wrapped.
+    Known,
 }
 
 impl Scanner {
@@ -104,6 +106,7 @@ impl Scanner {
                     }
                 }
             }
+            Scanner::Known => {}
             Scanner::Document { bytes, overflow } => {
                 if bytes.len() + chunk.len() > MAX_DOCUMENT {
                     *overflow = true;
@@ -127,6 +130,7 @@ impl Scanner {
                     usage.read(&value);
                 }
             }
+            Scanner::Known => {}
         }
     }
 }
@@ -156,6 +160,11 @@ impl ObservedBody {
     pub fn new(inner: ResponseBody, events: bool, on_end: impl FnOnce(Ending) + Send + Sync + 'static) -> ObservedBody {
         let scanner = if events { Scanner::Events { line: Vec::new(), skipping: false } } else { Scanner::Document { bytes: Vec::new(), overflow: false } };
         ObservedBody { inner, scanner, usage: Usage::default(), first_frame: None, on_end: Some(Box::new(on_end)) }
+    }
+
+    /// Wraps `inner`, whose usage the caller already read from it, so the body is not read again.
+    pub fn with_usage(inner: ResponseBody, usage: Usage, on_end: impl FnOnce(Ending) + Send + Sync + 'static) -> ObservedBody {
+        ObservedBody { inner, scanner: Scanner::Known, usage, first_frame: None, on_end: Some(Box::new(on_end)) }
     }
 
     fn end(&mut self, completed: bool) {
