@@ -74,6 +74,9 @@ pub struct Counters {
     /// Generated tokens, as the engine reported them.
     pub output_tokens: AtomicU64,
     pub restores: AtomicU64,
+    /// The restores and failed restores above whose snapshot was pulled from a peer.
+    pub restores_pulled: AtomicU64,
+    pub restores_pulled_failed: AtomicU64,
     /// Bytes of snapshots restored from the local store.
     pub restored_bytes: AtomicU64,
     pub restores_failed: AtomicU64,

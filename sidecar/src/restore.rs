@@ -89,7 +89,7 @@ async fn local(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMatch, nam
         }
     }
 
-    let loaded = load_file(app, ready, slot, &name, tokens, namespace).await;
+    let loaded = load_file(app, ready, slot, &name, tokens, namespace, false).await;
     let _ = tokio::fs::remove_file(&path).await;
     if loaded.is_some() {
         app.store.record_access(&id);
@@ -99,28 +99,35 @@ async fn local(app: &Arc<App>, ready: &Ready, slot: u32, found: PrefixMatch, nam
 
 /// Loads the slot file `name` of the shared slot folder, which contains the KV of `tokens`, into
 /// `slot`. Returns the tokens on success. On failure the slot's contents are marked unknown.
-async fn load_file(app: &Arc<App>, ready: &Ready, slot: u32, name: &str, tokens: Vec<u32>, namespace: Namespace) -> Option<Vec<u32>> {
+async fn load_file(app: &Arc<App>, ready: &Ready, slot: u32, name: &str, tokens: Vec<u32>, namespace: Namespace, pulled: bool) -> Option<Vec<u32>> {
+    // Restores of pulled snapshots are also counted apart, so the metrics can tell the sources.
+    let count = |total: &std::sync::atomic::AtomicU64, of_pulled: &std::sync::atomic::AtomicU64| {
+        Counters::add(total, 1);
+        if pulled {
+            Counters::add(of_pulled, 1);
+        }
+    };
     if !app.engine_unchanged(ready).await {
         return None;
     }
     match app.engine.restore_slot(slot, name).await {
         Ok(outcome) if outcome.tokens as usize == tokens.len() => {
             tracing::debug!(slot, tokens = outcome.tokens, restore_ms = outcome.elapsed.as_secs_f64() * 1000.0, "snapshot restored");
-            Counters::add(&app.counters.restores, 1);
+            count(&app.counters.restores, &app.counters.restores_pulled);
             app.costs.observe_restore(u64::from(outcome.tokens), outcome.elapsed.as_secs_f64() * 1000.0);
             ready.slots.set_tokens(slot, tokens.clone(), namespace);
             Some(tokens)
         }
         Ok(outcome) => {
             tracing::warn!(slot, restored = outcome.tokens, expected = tokens.len(), "engine restored a different token count; treating the slot as unknown");
-            Counters::add(&app.counters.restores_failed, 1);
+            count(&app.counters.restores_failed, &app.counters.restores_pulled_failed);
             ready.slots.set_foreign(slot, Vec::new());
             None
         }
         Err(error) => {
             // A failed restore leaves the engine's slot empty.
             tracing::warn!(slot, error = %error, "engine rejected the snapshot; computing the prompt instead");
-            Counters::add(&app.counters.restores_failed, 1);
+            count(&app.counters.restores_failed, &app.counters.restores_pulled_failed);
             ready.slots.set_foreign(slot, Vec::new());
             None
         }
@@ -236,7 +243,7 @@ async fn pull_and_load(
     Counters::add(&app.counters.pulled_bytes, pulled.bytes);
     app.costs.observe_pull(pulled.bytes, pulled.elapsed.as_secs_f64() * 1000.0);
     tracing::debug!(peer.url = %peer.url, snapshot.id = %pulled.id, bytes = pulled.bytes, pull_ms = pulled.elapsed.as_secs_f64() * 1000.0, "snapshot pulled from a peer");
-    let loaded = load_file(app, ready, slot, &name, tokens.clone(), namespace).await;
+    let loaded = load_file(app, ready, slot, &name, tokens.clone(), namespace, true).await;
     keep_copy(app.clone(), ready.clone(), path, pulled.id, namespace, tenant.to_string(), tokens);
     loaded
 }

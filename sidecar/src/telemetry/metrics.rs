@@ -185,10 +185,12 @@ fn observe_cache(meter: &Meter, app: Weak<App>) {
     });
     counter(meter, "kvsidecar.restores", "{restore}", "Snapshot restores into engine slots, by source and result.", app.clone(), move |app| {
         let c = &app.counters;
+        let (pulled, pulled_failed) = (get(&c.restores_pulled), get(&c.restores_pulled_failed));
         vec![
-            (get(&c.restores), vec![KeyValue::new("source", "local"), KeyValue::new("result", "ok")]),
-            (get(&c.restores_failed), vec![KeyValue::new("source", "local"), KeyValue::new("result", "failed")]),
-            (get(&c.pulls), vec![KeyValue::new("source", "peer"), KeyValue::new("result", "ok")]),
+            (get(&c.restores).saturating_sub(pulled), vec![KeyValue::new("source", "local"), KeyValue::new("result", "ok")]),
+            (get(&c.restores_failed).saturating_sub(pulled_failed), vec![KeyValue::new("source", "local"), KeyValue::new("result", "failed")]),
+            (pulled, vec![KeyValue::new("source", "peer"), KeyValue::new("result", "ok")]),
+            (pulled_failed, vec![KeyValue::new("source", "peer"), KeyValue::new("result", "failed")]),
         ]
     });
     counter(meter, "kvsidecar.restored", "By", "Snapshot bytes restored from the local store into engine slots.", app.clone(), move |app| one(get(&app.counters.restored_bytes)));
