@@ -1,6 +1,6 @@
-//! Traces and metrics as an observability stack receives them: spans decoded by an in-process
-//! OTLP collector (gRPC and HTTP), `/metrics` scraped by a real Prometheus server and checked by
-//! promtool, and exports to a collector that is down or never responds.
+//! Traces and metrics as an observability stack receives them. An in-process OTLP collector (gRPC
+//! and HTTP) decodes the spans, a real Prometheus server scrapes `/metrics` and promtool checks
+//! it, and exports go to a collector that is down or never responds.
 
 use std::time::Duration;
 

@@ -40,7 +40,7 @@ pub struct TelemetryConfig {
     /// for HTTP; None exports nothing (trace ids still reach the logs).
     pub otlp_endpoint: Option<String>,
     pub otlp_protocol: OtlpProtocol,
-    /// Longest wait for the collector to take one export.
+    /// Maximum wait for the collector to accept one export.
     pub otlp_timeout: Duration,
     /// Extra headers sent with every export, as `name=value`.
     pub otlp_headers: Vec<String>,
@@ -48,8 +48,8 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Exports spans when an endpoint is set.
     pub traces: bool,
-    /// Share of new traces recorded, 0 to 1. A request whose `traceparent` says sampled or not
-    /// follows its parent.
+    /// Share of new traces recorded, 0 to 1. A request with a `traceparent` follows its parent's
+    /// sampled flag instead.
     pub sampling_ratio: f64,
     /// Finished spans waiting for export; more are dropped and counted.
     pub span_queue: u32,

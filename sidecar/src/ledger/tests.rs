@@ -242,7 +242,8 @@ fn own_task_gets_generated_id() {
     let ledger = open(dir.path(), &ledger_config(None));
     let id = TaskId::generate();
     assert!(id.is_generated());
-    assert!(id.as_str().starts_with("req-") && id.as_str().len() == 20, "{id}");
+    assert!(id.as_str().starts_with("req-"), "{id}");
+    assert_eq!(id.as_str().len(), 20, "{id}");
     ledger.record(RequestRecord { task: id.clone(), ..request("default", "unused", 10, 0, 1) });
     let task = report(&ledger, "default", id.as_str());
     assert!(task.own_task);
@@ -387,10 +388,12 @@ fn damaged_values_are_reported() {
     ledger.db.merge_cf(tasks, task_key("default", "broken-totals"), [9u8, 1, 2]).unwrap();
 
     let error = ledger.task("default", "broken-record", true).unwrap_err().to_string();
-    assert!(error.contains("\"broken-record\"") && error.contains("invalid request record"), "{error}");
+    assert!(error.contains("\"broken-record\""), "{error}");
+    assert!(error.contains("invalid request record"), "{error}");
     assert!(ledger.task("default", "broken-record", false).is_ok(), "totals alone are intact");
     let error = ledger.task("default", "broken-totals", false).unwrap_err().to_string();
-    assert!(error.contains("\"broken-totals\"") && error.contains("cannot be decoded"), "{error}");
+    assert!(error.contains("\"broken-totals\""), "{error}");
+    assert!(error.contains("cannot be decoded"), "{error}");
     let ranked: Vec<String> = ledger.top(10, TopBy::Cost).unwrap().into_iter().map(|task| task.task).collect();
     assert_eq!(ranked.len(), 2, "{ranked:?}");
     assert!(!ranked.contains(&"broken-totals".to_string()));
