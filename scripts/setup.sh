@@ -4,6 +4,12 @@
 # llama-cpp-python source package, the generated test and demo models, and the WebAssembly targets
 # for plugins. Safe to run again: finished steps are skipped.
 #
+#   scripts/setup.sh           what the tests and the demo need
+#   scripts/setup.sh --bench   also what the benchmarks compare against: Debian's nginx-light and
+#                              wrk, and SGLang's and vLLM's routers from PyPI in their own
+#                              Python environment. A router that cannot be installed is reported,
+#                              and the benchmarks skip it.
+#
 #   KVSIDECAR_CACHE  cache folder (default ~/.cache/kvsidecar)
 #
 # Prints the paths it set up on its last lines.
@@ -12,6 +18,12 @@ set -euo pipefail
 cache="${KVSIDECAR_CACHE:-$HOME/.cache/kvsidecar}"
 here="$(cd "$(dirname "$0")" && pwd)"
 llama_cpp_python_version="0.3.36"
+bench=false
+case "${1:-}" in
+  "") ;;
+  --bench) bench=true ;;
+  *) echo "setup.sh: unknown option '$1'; the only option is --bench" >&2; exit 2 ;;
+esac
 mkdir -p "$cache"
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -19,6 +31,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # Debian packages: a C++ toolchain and CMake for llama.cpp, libclang for the RocksDB bindings,
 # Prometheus and promtool for the metrics tests.
 packages=(cmake ninja-build clang libclang-dev build-essential prometheus)
+"$bench" && packages+=(nginx-light wrk)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -28,8 +41,8 @@ if ((${#missing[@]})); then
   sudo_cmd=()
   [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
 
-  # The prometheus package starts its service on installation, listening on port 9090 of every
-  # interface, but the tests start their own Prometheus on loopback. invoke-rc.d and
+  # The prometheus and nginx packages start their services on installation, listening on ports
+  # 9090 and 80 of every interface, but tests and benchmarks start their own on loopback. invoke-rc.d and
   # deb-systemd-invoke skip a start when /usr/sbin/policy-rc.d exits 101, so such a file is put in
   # place for the installation where none exists (containers often have one already).
   policy=/usr/sbin/policy-rc.d
@@ -50,14 +63,15 @@ if ((${#missing[@]})); then
 
   # An existing policy-rc.d may allow the start, so a running service is stopped here. Under
   # systemd it is also disabled, so it does not start at boot.
-  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+  for service in prometheus nginx; do
+    [[ " ${missing[*]} " == *" $service"[\ -]* ]] || continue
     if [[ -d /run/systemd/system ]]; then
-      "${sudo_cmd[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1
-    elif "${sudo_cmd[@]}" /etc/init.d/prometheus status >/dev/null 2>&1; then
-      log "stopping the prometheus service that the package started"
-      "${sudo_cmd[@]}" /etc/init.d/prometheus stop >/dev/null
+      "${sudo_cmd[@]}" systemctl disable --now "$service.service" >/dev/null 2>&1
+    elif "${sudo_cmd[@]}" "/etc/init.d/$service" status >/dev/null 2>&1; then
+      log "stopping the $service service that the package started"
+      "${sudo_cmd[@]}" "/etc/init.d/$service" stop >/dev/null
     fi
-  fi
+  done
 fi
 
 # WebAssembly targets: plugins build for wasm32-unknown-unknown; one test plugin builds for
@@ -122,6 +136,22 @@ for spec in "tiny 4 256 2" "demo 12 768 4"; do
   fi
   ln -sfn "$(basename "$target")" "$models/$name.gguf"
 done
+
+# The routers the benchmarks compare against, pinned, in an environment of their own.
+if "$bench"; then
+  routers="$cache/routers"
+  for spec in "sglang-router 0.3.2" "vllm-router 0.1.17"; do
+    read -r package version <<<"$spec"
+    installed=""
+    [[ -x "$routers/bin/pip" ]] && installed="$("$routers/bin/pip" show "$package" 2>/dev/null | sed -n 's/^Version: //p')"
+    if [[ ! -x "$routers/bin/$package" || "$installed" != "$version" ]]; then
+      [[ -x "$routers/bin/pip" ]] || python3 -m venv "$routers"
+      log "installing $package $version from PyPI into $routers"
+      "$routers/bin/pip" install -q --disable-pip-version-check "$package==$version" \
+        || log "could not install $package $version; the benchmarks that compare with it will skip it"
+    fi
+  done
+fi
 
 echo "KVSIDECAR_LLAMA_SERVER=$engine_bin"
 echo "KVSIDECAR_TINY_MODEL=$models/tiny.gguf"

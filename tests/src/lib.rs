@@ -140,14 +140,15 @@ pub fn tokens(seed: u64, count: usize) -> Vec<u32> {
         .collect()
 }
 
-/// A child process that is killed when dropped.
-struct Process {
+/// A child process that is killed when dropped, with its output in a log file.
+pub struct Process {
     child: Child,
     log: PathBuf,
 }
 
 impl Process {
-    fn spawn(command: &mut Command, log: PathBuf) -> Result<Process> {
+    /// Starts `command` with its standard output and error in the file `log`.
+    pub fn spawn(command: &mut Command, log: PathBuf) -> Result<Process> {
         let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let child = command
             .stdin(Stdio::null())
@@ -172,7 +173,7 @@ impl Process {
         status
     }
 
-    fn running(&mut self) -> bool {
+    pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
@@ -186,6 +187,13 @@ impl Process {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+}
+
+impl Process {
+    /// Returns what the process has written to its log so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

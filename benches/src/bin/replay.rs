@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kvsidecar_benches::client::post_streaming;
+use kvsidecar_benches::replay::{Record, percentile, send};
 use kvsidecar_benches::trace::{self, Scale};
 use serde::{Deserialize, Serialize};
 
@@ -51,23 +51,6 @@ enum Command {
     Compare { first: PathBuf, second: PathBuf },
 }
 
-/// Cost of one replayed request.
-#[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    index: usize,
-    prompt_tokens: u64,
-    cached_tokens: u64,
-    source: String,
-    /// Position of the target the request was sent to.
-    #[serde(default)]
-    target: usize,
-    /// The node that served it (`x-kvsidecar-served-by`), when a sidecar responded.
-    #[serde(default)]
-    served_by: Option<String>,
-    ttft_ms: f64,
-    total_ms: f64,
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct Run {
     label: String,
@@ -84,7 +67,7 @@ async fn main() -> Result<()> {
             let mut records = Vec::new();
             for (index, request) in requests.iter().enumerate() {
                 let at = index % target.len();
-                let mut record = send(&target[at], index, &request.prompt, request.output_tokens).await?;
+                let mut record = send(&target[at], index, (serde_json::json!(request.prompt), request.prompt.len() as u64), request.output_tokens, &serde_json::Map::new()).await?;
                 record.target = at;
                 println!(
                     "{:>4} {:>6} {:>7} {:>7} {:>7} {:>9.1} {:>9.1}",
@@ -105,52 +88,6 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Sends one streaming completion and measures the time to its first content event.
-async fn send(target: &str, index: usize, prompt: &[u32], output_tokens: u32) -> Result<Record> {
-    let body = serde_json::json!({
-        "prompt": prompt,
-        "max_tokens": output_tokens,
-        "temperature": 0.0,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    let streamed = post_streaming(&format!("{target}/v1/completions"), &body).await.with_context(|| format!("request {index}"))?;
-    let source = streamed.header("x-kvsidecar-cache-source").unwrap_or("-").to_string();
-    let header_cached = streamed.header("x-kvsidecar-cached-tokens").and_then(|v| v.parse().ok());
-
-    // The last events carry the engine's own counts.
-    let mut prompt_tokens = prompt.len() as u64;
-    let mut cached_tokens = header_cached.unwrap_or(0);
-    for line in streamed.text.lines().filter_map(|line| line.strip_prefix("data: ")) {
-        if let Ok(event) = serde_json::from_str::<serde_json::Value>(line) {
-            if let Some(n) = event.pointer("/usage/prompt_tokens").and_then(|v| v.as_u64()) {
-                prompt_tokens = n;
-            }
-            if let Some(n) = event.pointer("/timings/cache_n").and_then(|v| v.as_u64()) {
-                cached_tokens = n;
-            }
-        }
-    }
-    Ok(Record {
-        index,
-        prompt_tokens,
-        cached_tokens,
-        source,
-        target: 0,
-        served_by: streamed.header("x-kvsidecar-served-by").map(str::to_string),
-        ttft_ms: streamed.first_frame.as_secs_f64() * 1000.0,
-        total_ms: streamed.total.as_secs_f64() * 1000.0,
-    })
-}
-
-fn percentile(values: &mut [f64], fraction: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[((values.len() - 1) as f64 * fraction).round() as usize]
 }
 
 fn print_totals(run: &Run) {

@@ -61,3 +61,13 @@ fn digest_hex_round_trip() {
     assert_eq!(Digest::from_hex(&digest.to_hex()), Some(digest));
     assert_eq!(Digest::from_hex("zz"), None);
 }
+
+#[test]
+fn block_hash_is_keyed_by_parent() {
+    let namespace = Namespace::new(&fingerprint(1), "t", None);
+    let tokens: Vec<u32> = (0..128).map(|i| i * 0x0102_0304).collect();
+    let hashes = block_hashes(&namespace, &tokens, 64);
+    let bytes = |block: &[u32]| block.iter().flat_map(|id| id.to_le_bytes()).collect::<Vec<u8>>();
+    assert_eq!(hashes[0].0, *blake3::keyed_hash(&namespace.0.0, &bytes(&tokens[..64])).as_bytes());
+    assert_eq!(hashes[1].0, *blake3::keyed_hash(&hashes[0].0, &bytes(&tokens[64..])).as_bytes());
+}
