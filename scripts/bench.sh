@@ -24,6 +24,13 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 kvsidecar_setup
 
+# Installs the systems the comparisons run against. A failed installation is reported; the
+# benchmark then skips each comparison whose tool is missing, naming it.
+install_peers() {
+  scripts/setup.sh --bench >/dev/null \
+    || echo "bench.sh: scripts/setup.sh --bench failed; comparisons whose tools are missing will be skipped" >&2
+}
+
 run() {
   case "$1" in
     hashing) cargo bench -p kvsidecar-benches --bench prefix_hashing && "$KVSIDECAR_PYTHON" benches/vllm_block_hash.py && "$KVSIDECAR_PYTHON" benches/vllm_block_hash.py --block-size 64 ;;
@@ -38,8 +45,8 @@ run() {
     index) cargo run --release -p kvsidecar-benches --bin index_scale ;;
     concurrency) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin concurrency_scale ;;
     telemetry) cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin telemetry_overhead ;;
-    proxy) scripts/setup.sh --bench >/dev/null && cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin proxy_compare ;;
-    engines) scripts/setup.sh --bench >/dev/null && cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin engine_compare ;;
+    proxy) install_peers && cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin proxy_compare ;;
+    engines) install_peers && cargo build --release -p kvsidecar && cargo run --release -p kvsidecar-benches --bin engine_compare ;;
     *) echo "bench.sh: unknown benchmark '$1'; use hashing, miss, overhead, restore, plugins, transfer, fleet, store, store-scale, index, concurrency, telemetry, proxy or engines" >&2; exit 2 ;;
   esac
 }
