@@ -22,7 +22,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-kvsidecar_setup
 
 # Installs the systems the comparisons run against. A failed installation is reported; the
 # benchmark then skips each comparison whose tool is missing, naming it.
@@ -51,6 +50,16 @@ run() {
   esac
 }
 
+all=(hashing miss overhead restore plugins transfer fleet store store-scale index concurrency telemetry proxy engines)
+for name in "$@"; do
+  if [[ " ${all[*]} " != *" $name "* ]]; then
+    echo "bench.sh: unknown benchmark '$name'; use one of: ${all[*]}" >&2
+    exit 2
+  fi
+done
+
+kvsidecar_setup
+
 results="${KVSIDECAR_RESULTS:-docs/results}"
 mkdir -p "$results"
 
@@ -73,5 +82,5 @@ record() {
 if (($#)); then
   for name in "$@"; do record "$name"; done
 else
-  for name in hashing miss overhead restore plugins transfer fleet store store-scale index concurrency telemetry proxy engines; do record "$name"; done
+  for name in "${all[@]}"; do record "$name"; done
 fi

@@ -19,6 +19,10 @@ cache="${KVSIDECAR_CACHE:-$HOME/.cache/kvsidecar}"
 here="$(cd "$(dirname "$0")" && pwd)"
 llama_cpp_python_version="0.3.36"
 bench=false
+if (($# > 1)); then
+  echo "setup.sh: too many arguments ($*); the only option is --bench" >&2
+  exit 2
+fi
 case "${1:-}" in
   "") ;;
   --bench) bench=true ;;

@@ -75,8 +75,10 @@ pub struct Figures {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
-    /// Responses a sidecar marked as served from a slot holding the prompt
-    /// (`x-kvsidecar-cache-source: slot`); open-loop runs only.
+    /// Requests sent; open-loop runs only.
+    pub sent: u64,
+    /// Responses for which a sidecar planned to reuse at least half of the prompt from a slot
+    /// (`x-kvsidecar-cache-source: slot` and `x-kvsidecar-cached-tokens`); open-loop runs only.
     pub slot_hits: u64,
 }
 
@@ -102,7 +104,9 @@ pub async fn open_loop(base_url: &str, (model, words): (&str, &Words), rate: f64
             if !response.status().is_success() {
                 return None;
             }
-            let slot_hit = response.headers().get("x-kvsidecar-cache-source").is_some_and(|source| source == "slot");
+            let header = |name: &str| response.headers().get(name).and_then(|value| value.to_str().ok());
+            let cached: usize = header("x-kvsidecar-cached-tokens").and_then(|value| value.parse().ok()).unwrap_or(0);
+            let slot_hit = header("x-kvsidecar-cache-source") == Some("slot") && cached >= PROMPT_TOKENS / 2;
             response.into_body().collect().await.ok()?;
             Some((scheduled.elapsed().as_secs_f64() * 1000.0, slot_hit))
         }));
@@ -121,7 +125,7 @@ pub async fn open_loop(base_url: &str, (model, words): (&str, &Words), rate: f64
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(|a, b| a.total_cmp(b));
     let percentile = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
-    Figures { rate: latencies.len() as f64 / elapsed, p50_ms: percentile(0.5), p99_ms: percentile(0.99), errors, slot_hits }
+    Figures { rate: latencies.len() as f64 / elapsed, p50_ms: percentile(0.5), p99_ms: percentile(0.99), errors, sent: total, slot_hits }
 }
 
 /// Writes the wrk script that sends the same requests as [`open_loop`] for `prompts`.

@@ -86,15 +86,16 @@ pub async fn canned_nginx(binary: &Path, port: u16, engine_port: u16, canned: &s
     let quoted = canned.replace('\\', "\\\\").replace('"', "\\\"");
     let dir_text = dir.display();
     let mut config = String::new();
-    // Workers switch to an unprivileged user when nginx starts as root, and that user cannot
-    // enter the temporary folders of this process, so the workers keep root.
+    // One process without a master, so that killing the child stops nginx entirely. A process
+    // that starts as root switches to an unprivileged user, and that user cannot enter the
+    // temporary folders of this process, so it keeps root.
     // SAFETY: geteuid takes no arguments and touches no memory.
     if unsafe { libc::geteuid() } == 0 {
         config.push_str("user root;\n");
     }
     write!(
         config,
-        r#"worker_processes 1;
+        r#"master_process off;
 daemon off;
 pid {dir_text}/nginx.pid;
 error_log {dir_text}/nginx-error.log warn;

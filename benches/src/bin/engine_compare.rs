@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use kvsidecar_benches::peers;
 use kvsidecar_benches::replay::{Record, ideal_reuse, percentile, send};
 use kvsidecar_benches::trace::{self, Scale};
-use kvsidecar_benches::vocab::Words;
+use kvsidecar_benches::vocab::{self, Words};
 use kvsidecar_tests::{Engine, EngineSpec, Sidecar, Workspace, fleet_member, free_ports, get, paths};
 
 const ENGINE_SLOTS: u32 = 2;
@@ -147,7 +147,7 @@ async fn run(setup: Setup, prompts: &[(String, u32)]) -> Result<Outcome> {
     let engine_urls: Vec<String> = engines.iter().map(|engine| engine.url.clone()).collect();
 
     // Every body names the model: SGLang's router rejects a completion request without one.
-    let models = get(&format!("{}/v1/models", engine_urls[0])).await?.json();
+    let models = vocab::json(get(&format!("{}/v1/models", engine_urls[0])).await?, "/v1/models")?;
     let model = models.pointer("/data/0/id").and_then(|id| id.as_str()).context("the engine lists no model")?.to_string();
     let mut extra = serde_json::Map::new();
     extra.insert("model".into(), model.into());

@@ -16,7 +16,7 @@
 //! run as configured by default.
 //!
 //! Each setup gets an open-loop load at fixed rates (latency p50 and p99, measured from each
-//! request's scheduled time) and a closed-loop wrk run with 64 connections (the most it answers).
+//! request's scheduled time) and a closed-loop wrk run with 64 connections (its highest throughput).
 //! Setups take turns for several rounds; each figure is the median over the rounds.
 //!
 //! Run with `scripts/bench.sh proxy`.
@@ -28,7 +28,7 @@ use anyhow::{Context, Result};
 use kvsidecar_benches::client::median;
 use kvsidecar_benches::load::{Figures, Prompts, body, open_loop, wrk, wrk_script};
 use kvsidecar_benches::peers::{self, Service};
-use kvsidecar_benches::vocab::Words;
+use kvsidecar_benches::vocab::{self, Words};
 use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace, free_ports, get, post_json};
 
 const RATES: [f64; 3] = [200.0, 500.0, 1000.0];
@@ -37,6 +37,9 @@ const WRK_LENGTH: Duration = Duration::from_secs(8);
 const WRK_CONNECTIONS: usize = 64;
 const ROUNDS: usize = 3;
 const ENGINE_SLOTS: u32 = 64;
+/// Distance between the prompt keys of two setups. Keys stay below 2^31, where prompt keys wrap,
+/// and one setup sends far fewer than 10^7 requests in a round.
+const SEED_STRIDE: u64 = 100_000_000;
 
 struct Setup {
     name: &'static str,
@@ -61,7 +64,7 @@ async fn main() -> Result<()> {
     let mut engine_spec = ws.tiny_engine(ENGINE_SLOTS);
     engine_spec.context = 512 * ENGINE_SLOTS;
     let engine = Engine::start(&engine_spec, &ws.logs()).await?;
-    let models = get(&format!("{}/v1/models", engine.url)).await?.json();
+    let models = vocab::json(get(&format!("{}/v1/models", engine.url)).await?, "/v1/models")?;
     let model = models.pointer("/data/0/id").and_then(|id| id.as_str()).context("the engine lists no model")?.to_string();
 
     let words = Words::from_engine(&engine.url).await?;
@@ -85,16 +88,16 @@ async fn main() -> Result<()> {
 
     let mut routers: Vec<Service> = Vec::new();
     let mut setups = vec![
-        Setup { name: "direct to nginx", url: upstream.clone(), prompts: Prompts::Fresh { seed: 1 << 40 }, rounds: Vec::new() },
-        Setup { name: "kvsidecar, miss path", url: sidecar.url.clone(), prompts: Prompts::Fresh { seed: 2 << 40 }, rounds: Vec::new() },
-        Setup { name: "kvsidecar, slot-hit path", url: sidecar.url.clone(), prompts: Prompts::Repeated { seed: 3 << 40, count: 64 }, rounds: Vec::new() },
+        Setup { name: "direct to nginx", url: upstream.clone(), prompts: Prompts::Fresh { seed: SEED_STRIDE }, rounds: Vec::new() },
+        Setup { name: "kvsidecar, miss path", url: sidecar.url.clone(), prompts: Prompts::Fresh { seed: 2 * SEED_STRIDE }, rounds: Vec::new() },
+        Setup { name: "kvsidecar, slot-hit path", url: sidecar.url.clone(), prompts: Prompts::Repeated { seed: 3 * SEED_STRIDE, count: 64 }, rounds: Vec::new() },
     ];
     let workers = [upstream.clone()];
     match peers::sglang_router() {
         Ok(binary) => match peers::sglang(&binary, sglang_port, &workers, &ws.logs()).await {
             Ok(service) => {
                 routers.push(service);
-                setups.push(Setup { name: "sglang-router, cache_aware", url: format!("http://127.0.0.1:{sglang_port}"), prompts: Prompts::Fresh { seed: 4 << 40 }, rounds: Vec::new() });
+                setups.push(Setup { name: "sglang-router, cache_aware", url: format!("http://127.0.0.1:{sglang_port}"), prompts: Prompts::Fresh { seed: 4 * SEED_STRIDE }, rounds: Vec::new() });
             }
             Err(error) => println!("skipping sglang-router: {error:#}"),
         },
@@ -104,7 +107,7 @@ async fn main() -> Result<()> {
         Ok(binary) => match peers::vllm(&binary, vllm_port, &workers, &ws.logs()).await {
             Ok(service) => {
                 routers.push(service);
-                setups.push(Setup { name: "vllm-router, cache_aware", url: format!("http://127.0.0.1:{vllm_port}"), prompts: Prompts::Fresh { seed: 5 << 40 }, rounds: Vec::new() });
+                setups.push(Setup { name: "vllm-router, cache_aware", url: format!("http://127.0.0.1:{vllm_port}"), prompts: Prompts::Fresh { seed: 5 * SEED_STRIDE }, rounds: Vec::new() });
             }
             Err(error) => println!("skipping vllm-router: {error:#}"),
         },
@@ -122,7 +125,8 @@ async fn main() -> Result<()> {
             }
             let script = ws.path("wrk").join(format!("setup-{number}-round-{round}.lua"));
             let prompts = match setup.prompts {
-                Prompts::Fresh { seed } => Prompts::Fresh { seed: seed + (round as u64 + 1) * (1 << 32) },
+                // wrk counts its requests from 0, so each round starts past the open-loop keys.
+                Prompts::Fresh { seed } => Prompts::Fresh { seed: seed + SEED_STRIDE / 2 + round as u64 * (SEED_STRIDE / 8) },
                 repeated => repeated,
             };
             wrk_script(&script, workload, prompts)?;
@@ -133,8 +137,8 @@ async fn main() -> Result<()> {
     }
 
     for setup in setups.iter().filter(|setup| setup.url == sidecar.url) {
-        let (hits, sent): (u64, f64) = setup.rounds.iter().flat_map(|round| &round[..RATES.len()]).fold((0, 0.0), |(hits, sent), f| (hits + f.slot_hits, sent + f.rate * RATE_LENGTH.as_secs_f64()));
-        println!("{}: {hits} of about {sent:.0} open-loop responses marked x-kvsidecar-cache-source: slot", setup.name);
+        let (hits, sent) = setup.rounds.iter().flat_map(|round| &round[..RATES.len()]).fold((0, 0), |(hits, sent), f| (hits + f.slot_hits, sent + f.sent));
+        println!("{}: {hits} of {sent} open-loop requests reused at least half of the prompt from a slot (x-kvsidecar-cached-tokens)", setup.name);
     }
     print_table(&setups);
     drop(routers);
