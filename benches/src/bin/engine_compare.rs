@@ -10,7 +10,7 @@
 //!    README starts engines), with requests round-robin over the two sidecars, as a load
 //!    balancer without cache awareness would send them.
 //!
-//! The slice, its scaling and the engines are those of `scripts/demo.sh`. It holds the first 12
+//! The slice, its scaling and the engines are those of `scripts/demo.sh`. It contains the first 12
 //! multi-request conversations (36 requests). Each 512-token trace block becomes 64 tokens.
 //! Prompts are cut at 3,008 tokens, and responses at 16 tokens. Requests go one after another in
 //! trace order, so consecutive turns of a conversation reach different engines.
