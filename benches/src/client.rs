@@ -60,6 +60,26 @@ pub fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// Returns the `fraction` percentile of `values` (nearest rank), or zero for none.
+pub fn percentile(values: &mut [f64], fraction: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[((values.len() - 1) as f64 * fraction).round() as usize]
+}
+
+/// Returns a spec for a sidecar in front of `engine_url` in `ws` that saves no snapshots and
+/// logs only warnings, so that a benchmark measures the request path alone.
+pub fn sidecar_without_snapshots(ws: &kvsidecar_tests::Workspace, engine_url: &str) -> kvsidecar_tests::SidecarSpec {
+    kvsidecar_tests::SidecarSpec {
+        engine_url: engine_url.to_string(),
+        data_dir: ws.path("data"),
+        slot_dir: ws.path("slots"),
+        env: vec![("KVSIDECAR_SNAPSHOT_MIN_TOKENS".into(), "100000".into()), ("KVSIDECAR_LOG_LEVEL".into(), "warn".into())],
+    }
+}
+
 /// Throughput and latency of one closed-loop load run.
 pub struct Round {
     pub requests_per_second: f64,
@@ -100,7 +120,6 @@ pub async fn closed_loop(base_url: &str, clients: usize, prompt_tokens: usize, l
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    let percentile = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
-    Round { requests_per_second: latencies.len() as f64 / elapsed, p50_ms: percentile(0.5), p99_ms: percentile(0.99), errors }
+    let requests_per_second = latencies.len() as f64 / elapsed;
+    Round { requests_per_second, p50_ms: percentile(&mut latencies, 0.5), p99_ms: percentile(&mut latencies, 0.99), errors }
 }

@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::client::percentile;
 use crate::vocab::Words;
 
 /// Tokens (words) per prompt.
@@ -123,9 +124,8 @@ pub async fn open_loop(base_url: &str, (model, words): (&str, &Words), rate: f64
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    let percentile = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
-    Figures { rate: latencies.len() as f64 / elapsed, p50_ms: percentile(0.5), p99_ms: percentile(0.99), errors, sent: total, slot_hits }
+    let rate = latencies.len() as f64 / elapsed;
+    Figures { rate, p50_ms: percentile(&mut latencies, 0.5), p99_ms: percentile(&mut latencies, 0.99), errors, sent: total, slot_hits }
 }
 
 /// Writes the wrk script that sends the same requests as [`open_loop`] for `prompts`.

@@ -66,15 +66,6 @@ pub async fn send(target: &str, index: usize, (prompt, prompt_tokens): (serde_js
     })
 }
 
-/// Returns the `fraction` percentile of `values` (nearest rank), or zero for none.
-pub fn percentile(values: &mut [f64], fraction: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[((values.len() - 1) as f64 * fraction).round() as usize]
-}
-
 
 /// Returns the prompt tokens of `prompts` that an unbounded prefix cache could have reused: for
 /// each prompt, its longest common prefix with any earlier prompt, less one token, because an

@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Result;
-use kvsidecar_benches::client::closed_loop;
-use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace};
+use kvsidecar_benches::client::{closed_loop, sidecar_without_snapshots};
+use kvsidecar_tests::{Engine, Sidecar, Workspace};
 
 const PROMPT_TOKENS: usize = 32;
 const ENGINE_SLOTS: u32 = 4;
@@ -23,12 +23,7 @@ async fn main() -> Result<()> {
     let mut engine_spec = ws.tiny_engine(ENGINE_SLOTS);
     engine_spec.context = 1024 * ENGINE_SLOTS;
     let engine = Engine::start(&engine_spec, &ws.logs()).await?;
-    let spec = SidecarSpec {
-        engine_url: engine.url.clone(),
-        data_dir: ws.path("data"),
-        slot_dir: ws.path("slots"),
-        env: vec![("KVSIDECAR_SNAPSHOT_MIN_TOKENS".into(), "100000".into()), ("KVSIDECAR_LOG_LEVEL".into(), "warn".into())],
-    };
+    let spec = sidecar_without_snapshots(&ws, &engine.url);
     let sidecar = Sidecar::start(&spec, &ws.logs()).await?;
     let seed = Arc::new(AtomicU64::new(5_000_000));
 

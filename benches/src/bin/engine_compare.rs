@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kvsidecar_benches::peers;
-use kvsidecar_benches::replay::{Record, ideal_reuse, percentile, send};
+use kvsidecar_benches::client::percentile;
+use kvsidecar_benches::replay::{Record, ideal_reuse, send};
 use kvsidecar_benches::trace::{self, Scale};
 use kvsidecar_benches::vocab::{self, Words};
 use kvsidecar_tests::{Engine, EngineSpec, Sidecar, Workspace, fleet_member, free_ports, get, paths};

@@ -25,11 +25,11 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kvsidecar_benches::client::median;
+use kvsidecar_benches::client::{median, sidecar_without_snapshots};
 use kvsidecar_benches::load::{Figures, Prompts, body, open_loop, wrk, wrk_script};
 use kvsidecar_benches::peers::{self, Service};
 use kvsidecar_benches::vocab::{self, Words};
-use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace, free_ports, get, post_json};
+use kvsidecar_tests::{Engine, Sidecar, Workspace, free_ports, get, post_json};
 
 const RATES: [f64; 3] = [200.0, 500.0, 1000.0];
 const RATE_LENGTH: Duration = Duration::from_secs(6);
@@ -78,12 +78,7 @@ async fn main() -> Result<()> {
     let _nginx = peers::canned_nginx(&nginx, nginx_port, engine.port, &canned, &ws.path("nginx")).await?;
     let upstream = format!("http://127.0.0.1:{nginx_port}");
 
-    let spec = SidecarSpec {
-        engine_url: upstream.clone(),
-        data_dir: ws.path("data"),
-        slot_dir: ws.path("slots"),
-        env: vec![("KVSIDECAR_SNAPSHOT_MIN_TOKENS".into(), "100000".into()), ("KVSIDECAR_LOG_LEVEL".into(), "warn".into())],
-    };
+    let spec = sidecar_without_snapshots(&ws, &upstream);
     let sidecar = Sidecar::start(&spec, &ws.logs()).await?;
 
     let mut routers: Vec<Service> = Vec::new();

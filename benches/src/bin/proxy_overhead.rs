@@ -6,8 +6,8 @@
 //! `cargo run --release -p kvsidecar-benches --bin proxy_overhead`).
 
 use anyhow::Result;
-use kvsidecar_benches::client::{median, post_streaming};
-use kvsidecar_tests::{Engine, Sidecar, SidecarSpec, Workspace, tokens};
+use kvsidecar_benches::client::{median, post_streaming, sidecar_without_snapshots};
+use kvsidecar_tests::{Engine, Sidecar, Workspace, tokens};
 use serde_json::json;
 
 const REQUESTS: u64 = 200;
@@ -17,12 +17,7 @@ const PROMPT_TOKENS: usize = 32;
 async fn main() -> Result<()> {
     let ws = Workspace::new();
     let engine = Engine::start(&ws.tiny_engine(1), &ws.logs()).await?;
-    let spec = SidecarSpec {
-        engine_url: engine.url.clone(),
-        data_dir: ws.path("data"),
-        slot_dir: ws.path("slots"),
-        env: vec![("KVSIDECAR_SNAPSHOT_MIN_TOKENS".into(), "100000".into()), ("KVSIDECAR_LOG_LEVEL".into(), "warn".into())],
-    };
+    let spec = sidecar_without_snapshots(&ws, &engine.url);
     let sidecar = Sidecar::start(&spec, &ws.logs()).await?;
 
     let (mut direct, mut proxied, mut differences) = (Vec::new(), Vec::new(), Vec::new());

@@ -16,7 +16,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kvsidecar_benches::replay::{Record, percentile, send};
+use kvsidecar_benches::client::percentile;
+use kvsidecar_benches::replay::{Record, send};
 use kvsidecar_benches::trace::{self, Scale};
 use serde::{Deserialize, Serialize};
 

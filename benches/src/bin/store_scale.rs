@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use kvsidecar::config::{self, Overrides};
 use kvsidecar::prefix::Digest;
 use kvsidecar::store::{NewSnapshot, Store, folder_size};
+use kvsidecar_benches::client::percentile;
 
 const BLOCKS: usize = 8;
 const BLOCK_TOKENS: u32 = 64;
@@ -80,13 +81,9 @@ fn main() -> Result<()> {
             lookups.push(started.elapsed().as_secs_f64() * 1e6);
             anyhow::ensure!(found.is_some_and(|hit| hit.blocks == BLOCKS as u32), "lookup {i} found {found:?}");
         }
-        let percentile = |values: &mut Vec<f64>, p: f64| {
-            values.sort_by(|a, b| a.total_cmp(b));
-            values[((values.len() - 1) as f64 * p).round() as usize]
-        };
         println!(
             "| {count} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} |",
-            if inserts.is_empty() { 0.0 } else { percentile(&mut inserts, 0.5) },
+            percentile(&mut inserts, 0.5),
             percentile(&mut lookups, 0.5),
             percentile(&mut lookups, 0.99),
             resident_bytes().saturating_sub(resident_at_start) as f64 / 1e6,
