@@ -69,9 +69,25 @@ pub fn free_port() -> u16 {
 }
 
 /// Returns `N` distinct TCP ports on 127.0.0.1 that were free a moment ago. The listeners are
-/// held until all ports are chosen, so the system cannot hand out the same port twice.
+/// held until all ports are chosen, so the system cannot hand out the same port twice in one
+/// call. Ports handed out before in this process are skipped too: a test often picks a peer's
+/// port before starting another sidecar, whose own ports would otherwise be free to collide.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut listeners = Vec::with_capacity(N);
+    // Ports handed out before stay bound until the end, so the system returns other ones.
+    let mut skipped = Vec::new();
+    while listeners.len() < N {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("local address").port();
+        if handed_out.contains(&port) {
+            skipped.push(listener);
+        } else {
+            handed_out.push(port);
+            listeners.push(listener);
+        }
+    }
     std::array::from_fn(|i| listeners[i].local_addr().expect("local address").port())
 }
 
